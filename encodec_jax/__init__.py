@@ -1,0 +1,26 @@
+"""encodec-jax: Meta's EnCodec neural audio codec in JAX/Flax, bit-exact with PyTorch."""
+
+from .config import ENCODEC_24KHZ, ENCODEC_32KHZ, ENCODEC_48KHZ, PRESETS, EncodecConfig
+from .model import EncodecDecoderOutput, EncodecEncoderOutput, EncodecModel, EncodecOutput
+
+__all__ = [
+    "ENCODEC_24KHZ",
+    "ENCODEC_32KHZ",
+    "ENCODEC_48KHZ",
+    "PRESETS",
+    "EncodecConfig",
+    "EncodecDecoderOutput",
+    "EncodecEncoderOutput",
+    "EncodecFeatureExtractor",
+    "EncodecModel",
+    "EncodecOutput",
+]
+
+
+def __getattr__(name):
+    # The feature extractor is imported on first use so that `import encodec_jax` stays light.
+    if name == "EncodecFeatureExtractor":
+        from .feature_extraction import EncodecFeatureExtractor
+
+        return EncodecFeatureExtractor
+    raise AttributeError(f"module 'encodec_jax' has no attribute {name!r}")

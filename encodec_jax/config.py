@@ -1,0 +1,219 @@
+"""EnCodec configuration: one frozen dataclass, the published models as presets.
+
+Field names and meanings are those of `transformers.EncodecConfig`, so a Hub `config.json`
+maps onto it one to one (`from_hf_config` / `to_hf_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+PAD_MODES = ("reflect", "constant", "replicate", "circular")
+NORM_TYPES = ("weight_norm", "time_group_norm")
+
+# Keys that transformers' generic `PretrainedConfig` may write into any config.json. They carry
+# nothing about the codec, so they are accepted and dropped; any other unknown key is an error.
+_GENERIC_HF_KEYS = frozenset(
+    """
+    _name_or_path _commit_hash _attn_implementation _attn_implementation_autoset
+    _attn_implementation_internal transformers_version model_type architectures dtype torch_dtype
+    return_dict output_hidden_states output_attentions torchscript use_bfloat16 tf_legacy_loss
+    pruned_heads tie_word_embeddings chunk_size_feed_forward is_encoder_decoder is_decoder
+    cross_attention_hidden_size add_cross_attention tie_encoder_decoder max_length min_length
+    do_sample early_stopping num_beams num_beam_groups diversity_penalty temperature top_k top_p
+    typical_p repetition_penalty length_penalty no_repeat_ngram_size encoder_no_repeat_ngram_size
+    bad_words_ids num_return_sequences output_scores return_dict_in_generate forced_bos_token_id
+    forced_eos_token_id remove_invalid_values exponential_decay_length_penalty suppress_tokens
+    begin_suppress_tokens finetuning_task id2label label2id num_labels tokenizer_class prefix
+    bos_token_id pad_token_id eos_token_id sep_token_id decoder_start_token_id
+    task_specific_params problem_type use_cache gradient_checkpointing
+    """.split()
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodecConfig:
+    """Architecture and framing of an EnCodec model (defaults: `facebook/encodec_24khz`)."""
+
+    target_bandwidths: tuple[float, ...] = (1.5, 3.0, 6.0, 12.0, 24.0)
+    sampling_rate: int = 24_000
+    audio_channels: int = 1
+    normalize: bool = False
+    chunk_length_s: float | None = None
+    overlap: float | None = None
+    hidden_size: int = 128
+    num_filters: int = 32
+    num_residual_layers: int = 1
+    upsampling_ratios: tuple[int, ...] = (8, 5, 4, 2)
+    norm_type: str = "weight_norm"
+    kernel_size: int = 7
+    last_kernel_size: int = 7
+    residual_kernel_size: int = 3
+    dilation_growth_rate: int = 2
+    use_causal_conv: bool = True
+    pad_mode: str = "reflect"
+    compress: int = 2
+    num_lstm_layers: int = 2
+    trim_right_ratio: float = 1.0
+    codebook_size: int = 1024
+    codebook_dim: int | None = None
+    use_conv_shortcut: bool = True
+
+    def __post_init__(self) -> None:
+        # Lists from JSON become tuples so that the config is hashable (it is static under jit).
+        set_ = object.__setattr__
+        set_(self, "target_bandwidths", tuple(float(b) for b in self.target_bandwidths))
+        set_(self, "upsampling_ratios", tuple(int(r) for r in self.upsampling_ratios))
+        if self.codebook_dim is None:
+            set_(self, "codebook_dim", self.hidden_size)
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(msg: str) -> None:
+            raise ValueError(f"Invalid EncodecConfig: {msg}")
+
+        if self.norm_type not in NORM_TYPES:
+            fail(f"norm_type must be one of {NORM_TYPES}, got {self.norm_type!r}")
+        if self.pad_mode not in PAD_MODES:
+            fail(f"pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
+        if not self.target_bandwidths:
+            fail("target_bandwidths must name at least one bandwidth")
+        if self.audio_channels not in (1, 2):
+            fail(f"audio_channels must be 1 or 2, got {self.audio_channels}")
+        if not self.upsampling_ratios or any(r < 1 for r in self.upsampling_ratios):
+            fail(f"upsampling_ratios must be positive integers, got {self.upsampling_ratios}")
+        if self.codebook_size < 1 or 2 ** int(math.log2(self.codebook_size)) != self.codebook_size:
+            fail(f"codebook_size must be a power of 2, got {self.codebook_size}")
+        if self.codebook_dim != self.hidden_size:
+            # transformers accepts this config but its model cannot run: the quantizer compares
+            # encoder outputs of size hidden_size with codebook vectors of size codebook_dim.
+            fail(f"codebook_dim ({self.codebook_dim}) must equal hidden_size ({self.hidden_size})")
+        if not self.use_causal_conv and self.trim_right_ratio != 1.0:
+            fail("trim_right_ratio != 1.0 only makes sense for causal convolutions")
+        if self.compress < 1 or self.num_filters // self.compress < 1:
+            fail(f"compress ({self.compress}) must be in 1..num_filters ({self.num_filters})")
+        if (self.chunk_length_s is None) != (self.overlap is None):
+            # transformers silently ignores chunking when only one of the two is set; a
+            # half-specified chunking is almost certainly a mistake, so say so.
+            fail("chunk_length_s and overlap must be set together (or both left None)")
+        if self.num_quantizers < 1:
+            fail(
+                f"the largest target bandwidth ({max(self.target_bandwidths)} kbps) leaves no "
+                f"quantizer at {self.frame_rate} frames/s and {self.codebook_nbits} bits/code"
+            )
+
+    # ---- derived quantities (same formulas as transformers.EncodecConfig) ----
+    @property
+    def hop_length(self) -> int:
+        return math.prod(self.upsampling_ratios)
+
+    @property
+    def frame_rate(self) -> int:
+        return math.ceil(self.sampling_rate / self.hop_length)
+
+    @property
+    def codebook_nbits(self) -> int:
+        return math.ceil(math.log2(self.codebook_size))
+
+    @property
+    def num_quantizers(self) -> int:
+        return int(1000 * self.target_bandwidths[-1] // (self.frame_rate * self.codebook_nbits))
+
+    @property
+    def chunk_length(self) -> int | None:
+        if self.chunk_length_s is None:
+            return None
+        return int(self.chunk_length_s * self.sampling_rate)
+
+    @property
+    def chunk_stride(self) -> int | None:
+        if self.chunk_length_s is None or self.overlap is None:
+            return None
+        return max(1, int((1.0 - self.overlap) * self.chunk_length))
+
+    def num_quantizers_for_bandwidth(self, bandwidth: float | None) -> int:
+        """Codebooks used at `bandwidth` (kbps); None means the smallest target bandwidth.
+
+        Raises ValueError for a bandwidth that is not one of `target_bandwidths`.
+        """
+        if bandwidth is None:
+            bandwidth = self.target_bandwidths[0]
+        if bandwidth not in self.target_bandwidths:
+            raise ValueError(
+                f"This model does not support bandwidth {bandwidth!r} kbps; "
+                f"select one of {list(self.target_bandwidths)}."
+            )
+        bits_per_quantizer = math.log2(self.codebook_size) * self.frame_rate
+        return int(max(1, math.floor(bandwidth * 1000 / bits_per_quantizer)))
+
+    # ---- conversion to and from transformers' config.json ----
+    @classmethod
+    def from_hf_config(cls, hf_config: Mapping[str, Any] | Any) -> EncodecConfig:
+        """Build from a transformers `EncodecConfig`, its `to_dict()`, or a config.json dict.
+
+        Unknown EnCodec-specific keys raise: a field this class does not model would otherwise be
+        silently ignored and the weights run with the wrong architecture.
+        """
+        data = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
+        model_type = data.get("model_type", "encodec")
+        if model_type != "encodec":
+            raise ValueError(f"Not an EnCodec config: model_type is {model_type!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in data if k not in names and k not in _GENERIC_HF_KEYS)
+        if unknown:
+            raise ValueError(f"EnCodec config has keys encodec-jax does not handle: {unknown}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The config.json dict that `transformers.EncodecConfig` reads."""
+        data = dataclasses.asdict(self)
+        data["target_bandwidths"] = list(self.target_bandwidths)
+        data["upsampling_ratios"] = list(self.upsampling_ratios)
+        data["model_type"] = "encodec"
+        data["architectures"] = ["EncodecModel"]
+        return data
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> EncodecConfig:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_hf_config(json.load(f))
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_hf_config(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+ENCODEC_24KHZ = EncodecConfig()
+
+ENCODEC_32KHZ = EncodecConfig(
+    target_bandwidths=(2.2,),
+    sampling_rate=32_000,
+    num_filters=64,
+    upsampling_ratios=(8, 5, 4, 4),
+    use_causal_conv=False,
+    codebook_size=2048,
+    use_conv_shortcut=False,
+)
+
+ENCODEC_48KHZ = EncodecConfig(
+    target_bandwidths=(3.0, 6.0, 12.0, 24.0),
+    sampling_rate=48_000,
+    audio_channels=2,
+    normalize=True,
+    chunk_length_s=1.0,
+    overlap=0.01,
+    norm_type="time_group_norm",
+    use_causal_conv=False,
+)
+
+PRESETS: dict[str, EncodecConfig] = {
+    "facebook/encodec_24khz": ENCODEC_24KHZ,
+    "facebook/encodec_32khz": ENCODEC_32KHZ,
+    "facebook/encodec_48khz": ENCODEC_48KHZ,
+}

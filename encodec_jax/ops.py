@@ -1,0 +1,254 @@
+"""The math of EnCodec as small pure functions, each testable on its own.
+
+Activations are channels-last, `[batch, time, channels]`; weights keep PyTorch's layouts
+(`Conv1d`: `[out, in, kernel]`, `ConvTranspose1d`: `[in, out, kernel]`, LSTM: `[4*hidden, in]`)
+so that a checkpoint loads without transposes and exports back unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+_CONV_DIMS = ("NWC", "OIW", "NWC")
+_JNP_PAD_MODES = {
+    "constant": "constant",
+    "reflect": "reflect",
+    "replicate": "edge",
+    "circular": "wrap",
+}
+
+
+def conv_padding(
+    length: int, kernel_size: int, stride: int, dilation: int, causal: bool
+) -> tuple[int, int]:
+    """Left and right padding of EnCodec's padded convolution for an input of `length` steps.
+
+    The input is padded so that the strided convolution covers every sample and yields
+    `ceil(length / stride)` frames. Integer arithmetic throughout: transformers computes the frame
+    count in float32, which can come out one frame short above 2**24 samples; the original
+    `encodec` package uses Python floats and agrees with this function there.
+    """
+    effective_kernel = (kernel_size - 1) * dilation + 1
+    padding_total = effective_kernel - stride
+    extra = -(-length // stride) * stride - length  # ceil(length / stride) * stride - length
+    if causal:
+        return padding_total, extra
+    right = padding_total // 2
+    return padding_total - right, right + extra
+
+
+def pad1d(x: jax.Array, left: int, right: int, mode: str) -> jax.Array:
+    """Pad the time axis of `[B, T, C]` like PyTorch's `F.pad(mode=...)`.
+
+    Reflect padding wider than the signal is allowed, as in the reference: the signal first gets
+    zeros on the right so that one reflection suffices, and those zeros are cut off again, so they
+    show up in the result ([1, 2, 3] padded (6, 0) gives [0, 0, 0, 0, 3, 2, 1, 2, 3]).
+    """
+    widths = ((0, 0), (left, right), (0, 0))
+    if mode != "reflect":
+        return jnp.pad(x, widths, mode=_JNP_PAD_MODES[mode])
+    length = x.shape[1]
+    extra = max(left, right) - length + 1 if length <= max(left, right) else 0
+    if extra:
+        x = jnp.pad(x, ((0, 0), (0, extra), (0, 0)))
+    padded = jnp.pad(x, widths, mode="reflect")
+    return padded[:, : padded.shape[1] - extra]
+
+
+def weight_norm(weight_v: jax.Array, weight_g: jax.Array) -> jax.Array:
+    """PyTorch's weight norm along dim 0: `v * (g / ||v||)`, the norm over every other dim."""
+    axes = tuple(range(1, weight_v.ndim))
+    norm = jnp.sqrt(jnp.sum(weight_v * weight_v, axis=axes, keepdims=True))
+    return weight_v * (weight_g / norm)
+
+
+def conv1d(
+    x: jax.Array, weight: jax.Array, bias: jax.Array, stride: int = 1, dilation: int = 1
+) -> jax.Array:
+    """VALID 1-D convolution. x: `[B, T, Cin]`; weight: `[Cout, Cin, K]` -> `[B, T', Cout]`."""
+    y = lax.conv_general_dilated(
+        x,
+        weight,
+        window_strides=(stride,),
+        padding="VALID",
+        rhs_dilation=(dilation,),
+        dimension_numbers=_CONV_DIMS,
+    )
+    return y + bias
+
+
+def conv_transpose1d(x: jax.Array, weight: jax.Array, bias: jax.Array, stride: int) -> jax.Array:
+    """Full (untrimmed) transposed convolution. x: `[B, T, Cin]`; weight: `[Cin, Cout, K]`.
+
+    Returns `[B, (T - 1) * stride + K, Cout]`. When the kernel is a multiple of the stride (EnCodec
+    always uses kernel = 2 * stride) it is one matmul plus a shifted sum of its kernel blocks,
+    which skips the multiplications by inserted zeros that a dilated convolution would do.
+    """
+    batch, steps, _ = x.shape
+    c_in, c_out, kernel = weight.shape
+    if kernel % stride:
+        flipped = jnp.flip(weight, axis=2).transpose(1, 0, 2)  # [Cout, Cin, K]
+        y = lax.conv_general_dilated(
+            x,
+            flipped,
+            window_strides=(1,),
+            padding=[(kernel - 1, kernel - 1)],
+            lhs_dilation=(stride,),
+            dimension_numbers=_CONV_DIMS,
+        )
+        return y + bias
+    blocks = kernel // stride
+    # [Cin, Cout, blocks, stride] -> [Cin, blocks * stride * Cout]; output step t*stride + k
+    # receives block k // stride of input step t.
+    w = weight.reshape(c_in, c_out, blocks, stride).transpose(0, 2, 3, 1).reshape(c_in, -1)
+    y = (x @ w).reshape(batch, steps, blocks, stride, c_out)
+    out = jnp.zeros((batch, steps + blocks - 1, stride, c_out), y.dtype)
+    for b in range(blocks):
+        out = out.at[:, b : b + steps].add(y[:, :, b])
+    return out.reshape(batch, (steps + blocks - 1) * stride, c_out) + bias
+
+
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """GroupNorm with a single group over `[B, T, C]`: statistics over time and channels."""
+    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
+    return (x - mean) * lax.rsqrt(var + eps) * scale + bias
+
+
+def lstm_layer(
+    x: jax.Array, w_ih: jax.Array, w_hh: jax.Array, b_ih: jax.Array, b_hh: jax.Array
+) -> jax.Array:
+    """One unidirectional LSTM layer over `[B, T, C]` from a zero state, PyTorch gate order i,f,g,o.
+
+    The input projection does not depend on the recurrence, so it is one large matmul outside the
+    scan; only `h @ w_hh.T` stays inside the loop.
+    """
+    hidden = w_hh.shape[1]
+    projected = x @ w_ih.T + (b_ih + b_hh)  # [B, T, 4H]
+    w_hh_t = w_hh.T
+
+    def step(carry, gates_x):
+        h, c = carry
+        gates = gates_x + h @ w_hh_t
+        i, f, g, o = jnp.split(gates, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return (h, c), h
+
+    zeros = jnp.zeros((x.shape[0], hidden), x.dtype)
+    _, hs = lax.scan(step, (zeros, zeros), projected.swapaxes(0, 1))
+    return hs.swapaxes(0, 1)
+
+
+def nearest_code(x: jax.Array, embed: jax.Array) -> jax.Array:
+    """Index of the nearest codebook vector for each row of `x` `[..., D]`; embed `[bins, D]`.
+
+    The distance is written exactly as the reference writes it, `-(|x|^2 - 2 x.E + |E|^2)`, and
+    argmax keeps the first index on ties: near-ties are common in trained codebooks, and any
+    reformulation (dropping the constant `|x|^2`, say) flips some of them.
+    """
+    dist = -(
+        jnp.sum(x * x, axis=-1, keepdims=True) - 2 * x @ embed.T + jnp.sum(embed * embed, axis=-1)
+    )
+    return jnp.argmax(dist, axis=-1).astype(jnp.int32)
+
+
+def rvq_encode(x: jax.Array, embeds: jax.Array) -> jax.Array:
+    """Residual vector quantization. x: `[B, T, D]`; embeds: `[n_q, bins, D]` -> `[B, n_q, T]`."""
+
+    def step(residual, embed):
+        codes = nearest_code(residual, embed)
+        return residual - embed[codes], codes
+
+    _, codes = lax.scan(step, x, embeds)
+    return codes.transpose(1, 0, 2)
+
+
+def rvq_decode(codes: jax.Array, embeds: jax.Array) -> jax.Array:
+    """Sum of the looked-up vectors, in codebook order. codes: `[B, n_q, T]` -> `[B, T, D]`."""
+
+    def step(total, inputs):
+        embed, idx = inputs
+        return total + embed[idx], None
+
+    start = jnp.zeros((*codes.shape[::2], embeds.shape[-1]), embeds.dtype)
+    total, _ = lax.scan(step, start, (embeds, codes.transpose(1, 0, 2)))
+    return total
+
+
+def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
+    """`torch.linspace(start, end, steps)` in float32, bit for bit.
+
+    PyTorch does not compute `start + i * step` throughout: the upper half counts down from `end`,
+    which rounds differently from the naive formula.
+    """
+    if steps == 1:
+        return np.array([start], np.float32)
+    start32, end32 = np.float32(start), np.float32(end)
+    step = (end32 - start32) / np.float32(steps - 1)
+    i = np.arange(steps)
+    low = start32 + step * i.astype(np.float32)
+    high = end32 - step * (steps - 1 - i).astype(np.float32)
+    return np.where(i < steps // 2, low, high).astype(np.float32)
+
+
+def overlap_add_weight(frame_length: int) -> np.ndarray:
+    """Triangle window of the reference's linear overlap-add, peak in the middle of the frame."""
+    t = torch_linspace(0.0, 1.0, frame_length + 2)[1:-1]
+    return (np.float32(0.5) - np.abs(t - np.float32(0.5))).astype(np.float32)
+
+
+def overlap_add(frames: jax.Array, lengths: Sequence[int], stride: int) -> jax.Array:
+    """Linear overlap-add of decoded chunks, in the reference's order of float operations.
+
+    frames: `[n, ..., F]`, chunk i valid for its first `lengths[i]` samples (the rest is ignored);
+    chunk i starts at `i * stride`. The window is the triangle over the first chunk's length, cut
+    to each chunk's own length; the result is the weighted sum divided by the summed weights.
+    Returns `[..., stride * (n - 1) + lengths[-1]]`.
+    """
+    n, frame_len = frames.shape[0], frames.shape[-1]
+    total = stride * (n - 1) + lengths[-1]
+    window = overlap_add_weight(lengths[0])
+    window = np.pad(window, (0, frame_len - len(window)))
+    valid = np.arange(frame_len)[None, :] < np.asarray(lengths)[:, None]
+    weights = jnp.asarray(np.where(valid, window[None, :], np.float32(0)))  # [n, F]
+    buffer_len = stride * (n - 1) + frame_len
+    out = jnp.zeros((*frames.shape[1:-1], buffer_len), frames.dtype)
+    sum_weight = jnp.zeros((buffer_len,), frames.dtype)
+    batch_zeros = (0,) * (frames.ndim - 2)
+
+    def add_frame(i, carry):
+        out, sum_weight = carry
+        start = i * stride
+        part = lax.dynamic_slice_in_dim(out, start, frame_len, axis=-1)
+        out = lax.dynamic_update_slice(out, part + weights[i] * frames[i], (*batch_zeros, start))
+        part_w = lax.dynamic_slice_in_dim(sum_weight, start, frame_len)
+        sum_weight = lax.dynamic_update_slice(sum_weight, part_w + weights[i], (start,))
+        return out, sum_weight
+
+    out, sum_weight = lax.fori_loop(0, n, add_frame, (out, sum_weight))
+    return out[..., :total] / sum_weight[:total]
+
+
+def chunk_bounds(
+    length: int, chunk_length: int | None, stride: int | None
+) -> list[tuple[int, int]]:
+    """(start, length) of each chunk the reference encodes: starts at `range(0, length, stride)`.
+
+    Without chunking the whole input is one chunk. The last chunk (and, for the last chunk shorter
+    than `chunk_length - stride`, the one before it) is shorter than `chunk_length`.
+    """
+    if chunk_length is None or stride is None:
+        return [(0, length)]
+    return [(s, min(chunk_length, length - s)) for s in range(0, length, stride)]
+
+
+def num_frames(length: int, hop_length: int) -> int:
+    """Frames the encoder makes from `length` samples: each strided conv rounds up."""
+    return math.ceil(length / hop_length)
