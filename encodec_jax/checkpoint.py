@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -40,6 +41,28 @@ def rename_hf_key(key: str) -> str:
         if key.endswith(old):
             return key[: -len(old)] + new
     return key
+
+
+# The original `encodec` package and audiocraft wrap each conv twice (SConv1d -> NormConv1d ->
+# nn.Conv1d) and keep the layers in `.model`; transformers flattened both. Applied in order.
+_ORIGINAL_RENAMES = (
+    (re.compile(r"^(encoder|decoder)\.model\."), r"\1.layers."),
+    (re.compile(r"\.(conv|convtr)\.(conv|convtr)\."), ".conv."),
+    (re.compile(r"\.(conv|convtr)\.norm\."), ".norm."),
+    (re.compile(r"^quantizer\.vq\.layers\.(\d+)\._codebook\."), r"quantizer.layers.\1.codebook."),
+)
+
+
+def rename_original_key(key: str) -> str:
+    """`encodec` package / audiocraft key -> encodec-jax key.
+
+    `encoder.model.0.conv.conv.weight_g` -> `encoder.layers.0.conv.weight_g`,
+    `decoder.model.3.convtr.norm.weight` -> `decoder.layers.3.norm.weight`,
+    `quantizer.vq.layers.0._codebook.embed` -> `quantizer.layers.0.codebook.embed`.
+    """
+    for pattern, replacement in _ORIGINAL_RENAMES:
+        key = pattern.sub(replacement, key)
+    return rename_hf_key(key)
 
 
 def model_from_state_dict(

@@ -196,7 +196,7 @@ class EncodecModel(nnx.Module):
             chunk_codes = codes[np.array(indices), :, :, :n_frames]
             chunk_codes = chunk_codes.reshape(-1, *chunk_codes.shape[2:])
             chunk_scales = None if scales is None else scales[np.array(indices)].reshape(-1, 1)
-            audio = _decode_chunks(self, chunk_codes, chunk_scales)
+            audio = _decode_embeddings(self, _dequantize(self, chunk_codes), chunk_scales)
             audio = audio.reshape(len(indices), batch, *audio.shape[1:])
             for j, i in enumerate(indices):
                 decoded[i] = audio[j]
@@ -243,8 +243,8 @@ class EncodecModel(nnx.Module):
 
 
 # ---- the compiled core: the model is an argument; shapes and n_q are static ----
-# The encoder and the quantizer compile separately: the encoder's program, the expensive one to
-# compile, is then shared by every bandwidth.
+# The SEANet networks and the quantizer compile separately: the networks' programs, the expensive
+# ones to compile, are then shared by every bandwidth.
 @jax.jit
 def _embed_chunks(
     model: EncodecModel, x: jax.Array, mask: jax.Array | None
@@ -267,9 +267,17 @@ def _quantize(model: EncodecModel, embeddings: jax.Array, num_quantizers: int) -
 
 
 @jax.jit
-def _decode_chunks(model: EncodecModel, codes: jax.Array, scales: jax.Array | None) -> jax.Array:
-    """codes `[N, n_q, frames]` -> audio `[N, C, frames * hop]`, times the scales if given."""
-    audio = model.decoder(model.quantizer.decode(codes)).transpose(0, 2, 1)
+def _dequantize(model: EncodecModel, codes: jax.Array) -> jax.Array:
+    """codes `[N, n_q, frames]` -> quantized embeddings `[N, frames, D]`."""
+    return model.quantizer.decode(codes)
+
+
+@jax.jit
+def _decode_embeddings(
+    model: EncodecModel, embeddings: jax.Array, scales: jax.Array | None
+) -> jax.Array:
+    """embeddings `[N, frames, D]` -> audio `[N, C, frames * hop]`, times the scales if given."""
+    audio = model.decoder(embeddings).transpose(0, 2, 1)
     if scales is not None:
         audio = audio * scales[:, :, None]
     return audio
