@@ -82,6 +82,10 @@ class EncodecModel(nnx.Module):
 
     def __init__(self, config: EncodecConfig, *, rngs: nnx.Rngs):
         self.config = config
+        # Matmul/conv precision the compiled functions trace under. "highest" keeps float32
+        # everywhere: TF32 or bf16 passes on GPU/TPU flip codes, and a flipped code changes every
+        # later residual. Set to "default" (or "tensorfloat32", "bfloat16") to trade that for speed.
+        self.matmul_precision = "highest"
         self.encoder = EncodecEncoder(config, rngs=rngs)
         self.decoder = EncodecDecoder(config, rngs=rngs)
         self.quantizer = EncodecResidualVectorQuantizer(config, rngs=rngs)
@@ -147,8 +151,9 @@ class EncodecModel(nnx.Module):
             windows = starts[:, None] + np.arange(length)  # [k, length]
             chunks = _gather_chunks(x, windows)
             chunk_mask = None if mask is None else _gather_chunks(mask, windows)
-            embeddings, scales = _embed_chunks(self, chunks, chunk_mask)
-            codes = _quantize(self, embeddings, num_quantizers)
+            with jax.default_matmul_precision(self.matmul_precision):
+                embeddings, scales = _embed_chunks(self, chunks, chunk_mask)
+                codes = _quantize(self, embeddings, num_quantizers)
             codes = codes.reshape(len(indices), batch, *codes.shape[1:])
             for j, i in enumerate(indices):
                 codes_by_chunk[i] = codes[j]
@@ -196,7 +201,9 @@ class EncodecModel(nnx.Module):
             chunk_codes = codes[np.array(indices), :, :, :n_frames]
             chunk_codes = chunk_codes.reshape(-1, *chunk_codes.shape[2:])
             chunk_scales = None if scales is None else scales[np.array(indices)].reshape(-1, 1)
-            audio = _decode_embeddings(self, _dequantize(self, chunk_codes), chunk_scales)
+            with jax.default_matmul_precision(self.matmul_precision):
+                embeddings = _dequantize(self, chunk_codes)
+                audio = _decode_embeddings(self, embeddings, chunk_scales)
             audio = audio.reshape(len(indices), batch, *audio.shape[1:])
             for j, i in enumerate(indices):
                 decoded[i] = audio[j]

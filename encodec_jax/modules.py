@@ -229,7 +229,7 @@ class EncodecEncoder(nnx.Module):
 
 
 class EncodecDecoder(nnx.Module):
-    """SEANet decoder: embeddings `[B, frames, hidden_size]` -> audio `[B, frames*hop, channels]`."""
+    """SEANet decoder: embeddings `[B, frames, hidden]` -> audio `[B, frames * hop, channels]`."""
 
     def __init__(self, config: EncodecConfig, *, rngs: nnx.Rngs):
         c = config

@@ -76,7 +76,7 @@ def make_hf_model(config: EncodecConfig, seed: int = 0):
 
 
 def save_hf_model(model, directory: Path, legacy_weight_norm: bool = False) -> Path:
-    """`save_pretrained`, optionally with weight norm renamed to the Hub files' weight_g/weight_v."""
+    """`save_pretrained`, optionally with weight norm renamed to weight_g/weight_v as on the Hub."""
     model.save_pretrained(directory)
     if legacy_weight_norm:
         from safetensors.numpy import load_file, save_file
@@ -101,9 +101,16 @@ def save_hf_model(model, directory: Path, legacy_weight_norm: bool = False) -> P
 def import_encodec():
     """The original `encodec` package. It imports torchaudio only for file I/O and resampling,
     and torchaudio does not load beside torch 2.13, so an empty module stands in for it."""
-    sys.modules.setdefault("torchaudio", types.ModuleType("torchaudio"))
-    import encodec
-
+    stubbed = "torchaudio" not in sys.modules
+    if stubbed:
+        sys.modules["torchaudio"] = types.ModuleType("torchaudio")
+    try:
+        import encodec
+    finally:
+        # encodec keeps its reference to the stub; taking it out of sys.modules again keeps
+        # transformers from mistaking it for an installed torchaudio.
+        if stubbed:
+            del sys.modules["torchaudio"]
     return encodec
 
 
