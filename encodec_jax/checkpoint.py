@@ -79,8 +79,14 @@ def model_from_state_dict(
     graphdef, abstract_state = nnx.split(abstract)
     expected = {_key(path): (path, var) for path, var in nnx.to_flat_state(abstract_state)}
     renamed: dict[str, np.ndarray] = {}
+    sources: dict[str, str] = {}
     for key, value in state_dict.items():
-        renamed[rename(key)] = value
+        new_key = rename(key)
+        if new_key in renamed:
+            raise ValueError(
+                f"Checkpoint holds {new_key} twice: as {sources[new_key]} and as {key}"
+            )
+        renamed[new_key], sources[new_key] = value, key
     missing = sorted(set(expected) - set(renamed))
     unexpected = sorted(set(renamed) - set(expected))
     misshaped = sorted(
@@ -125,6 +131,10 @@ def read_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
         index = json.loads((directory / SAFETENSORS_INDEX_NAME).read_text())
         tensors: dict[str, np.ndarray] = {}
         for shard in sorted(set(index["weight_map"].values())):
+            if not (directory / shard).is_file():
+                raise FileNotFoundError(
+                    f"{directory / shard}, listed in {SAFETENSORS_INDEX_NAME}, does not exist"
+                )
             tensors.update(_read_safetensors(directory / shard))
         return tensors
     if (directory / PYTORCH_NAME).is_file():
@@ -157,10 +167,16 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict:
             f"Reading {path} needs PyTorch (it is a PyTorch pickle): pip install torch, or load "
             f"a safetensors checkpoint instead"
         ) from err
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive; older PyTorch wrote a bare pickle (protocol byte 0x80).
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        raise ValueError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or foreign files
-        raise ValueError(f"Cannot read {path} as a PyTorch checkpoint: {err}") from err
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"Cannot read {path}: corrupt or not a checkpoint ({reason})") from err
     return _tensors_to_numpy(obj, torch)
 
 

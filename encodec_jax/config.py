@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -67,6 +68,12 @@ class EncodecConfig:
     def __post_init__(self) -> None:
         # Lists from JSON become tuples so that the config is hashable (it is static under jit).
         set_ = object.__setattr__
+        for name, kind in (("target_bandwidths", numbers.Real), ("upsampling_ratios", int)):
+            values = getattr(self, name)
+            if isinstance(values, (str, bytes)) or not all(
+                isinstance(v, kind) and not isinstance(v, bool) for v in values
+            ):
+                raise ValueError(f"Invalid EncodecConfig: {name} must be a list of numbers")
         set_(self, "target_bandwidths", tuple(float(b) for b in self.target_bandwidths))
         set_(self, "upsampling_ratios", tuple(int(r) for r in self.upsampling_ratios))
         if self.codebook_dim is None:
@@ -76,6 +83,19 @@ class EncodecConfig:
     def _validate(self) -> None:
         def fail(msg: str) -> None:
             raise ValueError(f"Invalid EncodecConfig: {msg}")
+
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            expected = _FIELD_TYPES.get(field.name)
+            if expected is None or (value is None and field.name in _OPTIONAL_FIELDS):
+                continue
+            # bool is an int subclass; an int where a float is expected is fine.
+            ok = isinstance(value, expected) and not (
+                expected is not bool and isinstance(value, bool)
+            )
+            if not ok:
+                name = expected.__name__ if isinstance(expected, type) else "a number"
+                fail(f"{field.name} must be {name}, got {value!r}")
 
         if self.norm_type not in NORM_TYPES:
             fail(f"norm_type must be one of {NORM_TYPES}, got {self.norm_type!r}")
@@ -181,13 +201,44 @@ class EncodecConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> EncodecConfig:
         with open(path, encoding="utf-8") as f:
-            return cls.from_hf_config(json.load(f))
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} does not hold a JSON object")
+        return cls.from_hf_config(data)
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_hf_config(), f, indent=2, sort_keys=True)
             f.write("\n")
 
+
+_FIELD_TYPES = {
+    "sampling_rate": int,
+    "audio_channels": int,
+    "normalize": bool,
+    "hidden_size": int,
+    "num_filters": int,
+    "num_residual_layers": int,
+    "norm_type": str,
+    "kernel_size": int,
+    "last_kernel_size": int,
+    "residual_kernel_size": int,
+    "dilation_growth_rate": int,
+    "use_causal_conv": bool,
+    "pad_mode": str,
+    "compress": int,
+    "num_lstm_layers": int,
+    "codebook_size": int,
+    "codebook_dim": int,
+    "use_conv_shortcut": bool,
+}
+_FIELD_TYPES.update(
+    {"chunk_length_s": (int, float), "overlap": (int, float), "trim_right_ratio": (int, float)}
+)
+_OPTIONAL_FIELDS = {"chunk_length_s", "overlap"}
 
 ENCODEC_24KHZ = EncodecConfig()
 

@@ -452,24 +452,22 @@ class EncodecFeatureExtractor:
         except ImportError:  # huggingface_hub < 0.24
             from huggingface_hub.utils import EntryNotFoundError
 
-        first_error = None
-        for name in (PREPROCESSOR_CONFIG_NAME, MODEL_CONFIG_NAME):
-            try:
-                path = hf_hub_download(
-                    str(path_or_repo_id),
-                    name,
-                    revision=revision,
-                    cache_dir=cache_dir,
-                    local_files_only=local_files_only,
-                    token=token,
-                )
-            except EntryNotFoundError as error:
-                first_error = first_error or error
-                continue
-            return cls._from_file(path, name)
-        raise FileNotFoundError(
-            f"{path_or_repo_id} has neither {PREPROCESSOR_CONFIG_NAME} nor {MODEL_CONFIG_NAME}"
-        ) from first_error
+        def download(name: str) -> str:
+            return hf_hub_download(
+                str(path_or_repo_id),
+                name,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                token=token,
+            )
+
+        try:
+            return cls._from_file(download(PREPROCESSOR_CONFIG_NAME), PREPROCESSOR_CONFIG_NAME)
+        except EntryNotFoundError:
+            # No preprocessor_config.json (or, offline, not cached): fall back to config.json,
+            # and let huggingface_hub's own error say what is wrong if that is missing too.
+            return cls._from_file(download(MODEL_CONFIG_NAME), MODEL_CONFIG_NAME)
 
     @classmethod
     def _from_file(cls, path: str, name: str) -> EncodecFeatureExtractor:

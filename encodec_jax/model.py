@@ -35,6 +35,8 @@ class _Output:
 
     def __getitem__(self, key: int | str) -> Any:
         if isinstance(key, str):
+            if key not in {f.name for f in dataclasses.fields(self)}:
+                raise KeyError(key)
             return getattr(self, key)
         return self.to_tuple()[key]
 
@@ -394,10 +396,10 @@ def _check_scales(
             )
         return None
     scales = jnp.asarray(scales, jnp.float32)
-    if scales.size != n_chunks * batch:
+    if tuple(scales.shape) not in ((n_chunks, batch), (n_chunks, batch, 1)):
         raise ValueError(
-            f"audio_scales must hold one scale per chunk and batch item ({n_chunks} x {batch}), "
-            f"got shape {tuple(scales.shape)}"
+            f"audio_scales must be [chunks, batch] or [chunks, batch, 1] = ({n_chunks}, {batch}"
+            f"[, 1]) (or a list of {n_chunks} arrays [batch, 1]), got shape {tuple(scales.shape)}"
         )
     return scales.reshape(n_chunks, batch)
 
@@ -414,6 +416,10 @@ def _chunk_frames(
                 f"got {tuple(frames)}"
             )
         return frames
+    if isinstance(last_frame_pad_length, bool) or not isinstance(
+        last_frame_pad_length, (int, np.integer)
+    ):
+        raise ValueError(f"last_frame_pad_length must be an integer, got {last_frame_pad_length!r}")
     if not 0 <= last_frame_pad_length < width:
         raise ValueError(
             f"last_frame_pad_length must be in [0, {width}), got {last_frame_pad_length}"
