@@ -1,0 +1,366 @@
+"""Convert EnCodec checkpoints from every PyTorch source into encodec-jax directories, and back.
+
+Sources, told apart by their content (never by trust in a file extension):
+
+- a transformers directory (config.json + model.safetensors / pytorch_model.bin) or a Hub id;
+- audiocraft's `compression_state_dict.bin`: a pickle with `best_state` (the state dict) and
+  `xp.cfg` (its Hydra config as YAML), or with `pretrained` naming a Hub model;
+- the original `encodec` package's `.th` state dicts, whose architecture is not stored in the
+  file: it comes from the standard file name (`encodec_24khz-d7cc33bc.th`,
+  `encodec_48khz-7e698e3e.th`), a preset name, or a config.json.
+
+The output is a directory `EncodecModel.from_pretrained` loads without torch (config.json and
+model.safetensors in the Hub's layout); `to="transformers"` writes the tensor names current
+transformers itself saves. Reading the PyTorch pickles needs torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import (
+    CONFIG_NAME,
+    SAFETENSORS_NAME,
+    load_pretrained,
+    model_from_state_dict,
+    read_torch_state_dict,
+    rename_original_key,
+    state_dict_from_model,
+)
+from .config import ENCODEC_24KHZ, ENCODEC_32KHZ, ENCODEC_48KHZ, PRESETS, EncodecConfig
+from .model import EncodecModel
+
+TARGETS = ("encodec-jax", "transformers")
+PRESET_ALIASES = {
+    "24khz": ENCODEC_24KHZ,
+    "32khz": ENCODEC_32KHZ,
+    "48khz": ENCODEC_48KHZ,
+    "encodec_24khz": ENCODEC_24KHZ,
+    "encodec_32khz": ENCODEC_32KHZ,
+    "encodec_48khz": ENCODEC_48KHZ,
+    **PRESETS,
+}
+# The original package's checkpoints; the 48 kHz file name is the one its code downloads.
+_ORIGINAL_FILE = re.compile(r"^encodec_(24|48)khz-[0-9a-f]{8}\.th$")
+_ORIGINAL_LM_FILE = re.compile(r"^encodec_lm_(24|48)khz-[0-9a-f]{8}\.th$")
+
+
+class ConversionError(ValueError):
+    """A source that cannot be converted; the message says why in one line."""
+
+
+# ---- reading each source ----
+def load_any(
+    src: str | os.PathLike,
+    *,
+    preset: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    **hub_kwargs,
+) -> tuple[EncodecModel, str]:
+    """Load a model from any supported source. Returns the model and the source kind."""
+    path = Path(src)
+    override = _config_override(preset, config_file)
+    if path.is_dir() or not path.exists():
+        if override is not None:
+            raise ConversionError("--preset/--config apply to .th files only")
+        if not path.exists() and not _looks_like_repo_id(str(src)):
+            raise FileNotFoundError(f"No such file or directory: {src}")
+        return load_pretrained(src, **hub_kwargs), "transformers"
+    obj = read_torch_state_dict(path)
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path} holds a {type(obj).__name__}, not an EnCodec checkpoint")
+    if "best_state" in obj or "pretrained" in obj:
+        if override is not None:
+            raise ConversionError("--preset/--config apply to .th files only")
+        return _from_audiocraft(obj, path, **hub_kwargs), "audiocraft"
+    if any(str(k).startswith("encoder.model.") for k in obj):
+        config = override or _config_from_original_name(path)
+        return model_from_state_dict(config, obj, rename_original_key), "encodec"
+    if any(str(k).startswith("encoder.layers.") for k in obj):
+        if override is None:
+            raise ConversionError(
+                f"{path} is a transformers state dict without its config: give --config "
+                "config.json or --preset"
+            )
+        return model_from_state_dict(override, obj), "transformers"
+    if _ORIGINAL_LM_FILE.match(path.name) or any(str(k).startswith("transformer.") for k in obj):
+        raise ConversionError(
+            f"{path} is the encodec package's entropy-coding language model, not the codec"
+        )
+    raise ConversionError(f"{path} is not an EnCodec checkpoint (no encoder/decoder tensors)")
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None
+
+
+def _config_override(preset: str | None, config_file) -> EncodecConfig | None:
+    if preset is not None and config_file is not None:
+        raise ConversionError("give --preset or --config, not both")
+    if preset is not None:
+        if preset not in PRESET_ALIASES:
+            raise ConversionError(
+                f"unknown preset {preset!r}; choose one of {sorted(PRESET_ALIASES)}"
+            )
+        return PRESET_ALIASES[preset]
+    if config_file is not None:
+        return EncodecConfig.from_json_file(config_file)
+    return None
+
+
+def _config_from_original_name(path: Path) -> EncodecConfig:
+    match = _ORIGINAL_FILE.match(path.name)
+    if match is None:
+        raise ConversionError(
+            f"{path.name}: the encodec package's .th files do not store their architecture; "
+            "name it as published (encodec_24khz-d7cc33bc.th, encodec_48khz-7e698e3e.th) or "
+            "give --preset 24khz|48khz or --config config.json"
+        )
+    return ENCODEC_24KHZ if match.group(1) == "24" else ENCODEC_48KHZ
+
+
+# ---- audiocraft ----
+def _from_audiocraft(pkg: Mapping[str, Any], path: Path, **hub_kwargs) -> EncodecModel:
+    if "pretrained" in pkg:
+        name = str(pkg["pretrained"])
+        if not name.startswith("facebook/encodec_"):
+            raise ConversionError(
+                f"{path} points at the pretrained model {name!r}; only EnCodec Hub models "
+                "(facebook/encodec_*) are supported"
+            )
+        return load_pretrained(name, **hub_kwargs)
+    if "xp.cfg" not in pkg:
+        raise ConversionError(f"{path} has best_state but no xp.cfg: its config is unknown")
+    config = config_from_audiocraft_yaml(pkg["xp.cfg"])
+    state = pkg["best_state"]
+    if (
+        isinstance(state, Mapping)
+        and "model" in state
+        and not any(str(k).startswith("encoder.") for k in state)
+    ):
+        state = state["model"]  # solver checkpoints nest the model's state one level down
+    return model_from_state_dict(config, state, rename_original_key)
+
+
+def config_from_audiocraft_yaml(text: str | Mapping[str, Any]) -> EncodecConfig:
+    """Map audiocraft's EnCodec config (the `xp.cfg` YAML) onto `EncodecConfig`.
+
+    Every setting that shapes the model is read, none assumed; a setting transformers' layout
+    cannot express (another activation, norms disabled on the outer blocks, encoder and decoder
+    that differ, a final activation) is an error naming it.
+    """
+    cfg = _resolve_interpolations(_parse_yaml(text))
+    if cfg.get("compression_model", "encodec") != "encodec":
+        raise ConversionError(f"not an EnCodec model: compression_model={cfg['compression_model']}")
+    encodec = dict(cfg.get("encodec") or {})
+    seanet = dict(cfg.get("seanet") or {})
+    rvq = dict(cfg.get("rvq") or {})
+    for section, value in (("encodec", encodec), ("seanet", seanet), ("rvq", rvq)):
+        if not value:
+            raise ConversionError(f"xp.cfg has no '{section}' section")
+    if encodec.get("autoencoder", "seanet") != "seanet" or encodec.get("quantizer", "rvq") != "rvq":
+        raise ConversionError(
+            f"unsupported audiocraft model: autoencoder={encodec.get('autoencoder')}, "
+            f"quantizer={encodec.get('quantizer')}"
+        )
+    encoder_only = dict(seanet.pop("encoder", None) or {})
+    decoder_only = dict(seanet.pop("decoder", None) or {})
+    trim_right_ratio = float(decoder_only.pop("trim_right_ratio", 1.0))
+    if decoder_only.pop("final_activation", None) is not None:
+        raise ConversionError("seanet.decoder.final_activation is not supported")
+    decoder_only.pop("final_activation_params", None)
+    for key in sorted(set(encoder_only) | set(decoder_only)):
+        enc, dec = {**seanet, **encoder_only}.get(key), {**seanet, **decoder_only}.get(key)
+        if enc != dec:
+            raise ConversionError(
+                f"encoder and decoder differ in seanet.{key} ({enc} vs {dec}); "
+                "transformers' layout has one setting for both"
+            )
+        seanet[key] = enc
+
+    def need(section: dict, key: str, name: str):
+        if key not in section:
+            raise ConversionError(f"xp.cfg is missing {name}.{key}")
+        return section[key]
+
+    if need(seanet, "activation", "seanet") != "ELU":
+        raise ConversionError(f"seanet.activation {seanet['activation']} is not supported (ELU)")
+    if float((seanet.get("activation_params") or {}).get("alpha", 1.0)) != 1.0:
+        raise ConversionError("seanet.activation_params.alpha must be 1.0")
+    if int(seanet.get("disable_norm_outer_blocks", 0)) != 0:
+        raise ConversionError("seanet.disable_norm_outer_blocks > 0 is not supported")
+    norm = need(seanet, "norm", "seanet")
+    if norm not in ("weight_norm", "time_group_norm"):
+        raise ConversionError(f"seanet.norm {norm!r} is not supported")
+    if seanet.get("norm_params"):
+        raise ConversionError(f"seanet.norm_params {seanet['norm_params']} are not supported")
+    if int(need(seanet, "lstm", "seanet")) < 1:
+        raise ConversionError("seanet.lstm = 0 (no LSTM) is not supported")
+    sample_rate = int(need(encodec, "sample_rate", "encodec"))
+    ratios = [int(r) for r in need(seanet, "ratios", "seanet")]
+    bins = int(need(rvq, "bins", "rvq"))
+    n_q = int(need(rvq, "n_q", "rvq"))
+    hop = math.prod(ratios)
+    # The bandwidth that makes transformers' formulas give exactly n_q codebooks.
+    bandwidth = round(n_q * math.ceil(sample_rate / hop) * math.ceil(math.log2(bins)) / 1000, 6)
+    config = EncodecConfig(
+        target_bandwidths=(bandwidth,),
+        sampling_rate=sample_rate,
+        audio_channels=int(need(encodec, "channels", "encodec")),
+        normalize=bool(encodec.get("renormalize", encodec.get("renorm", False))),
+        hidden_size=int(need(seanet, "dimension", "seanet")),
+        num_filters=int(need(seanet, "n_filters", "seanet")),
+        num_residual_layers=int(need(seanet, "n_residual_layers", "seanet")),
+        upsampling_ratios=tuple(ratios),
+        norm_type=norm,
+        kernel_size=int(need(seanet, "kernel_size", "seanet")),
+        last_kernel_size=int(need(seanet, "last_kernel_size", "seanet")),
+        residual_kernel_size=int(need(seanet, "residual_kernel_size", "seanet")),
+        dilation_growth_rate=int(need(seanet, "dilation_base", "seanet")),
+        use_causal_conv=bool(need(seanet, "causal", "seanet")),
+        pad_mode=str(need(seanet, "pad_mode", "seanet")),
+        compress=int(need(seanet, "compress", "seanet")),
+        num_lstm_layers=int(seanet["lstm"]),
+        trim_right_ratio=trim_right_ratio,
+        codebook_size=bins,
+        use_conv_shortcut=not bool(need(seanet, "true_skip", "seanet")),
+    )
+    if config.num_quantizers != n_q:
+        raise ConversionError(f"cannot express rvq.n_q={n_q} as a transformers bandwidth")
+    return config
+
+
+def _parse_yaml(text: str | Mapping[str, Any]) -> dict:
+    if isinstance(text, Mapping):
+        return dict(text)
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConversionError(f"xp.cfg is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConversionError("xp.cfg is not a YAML mapping")
+    return data
+
+
+def _resolve_interpolations(cfg: dict) -> dict:
+    """Resolve OmegaConf's `${a.b}` references (audiocraft dumps its config unresolved)."""
+
+    def lookup(dotted: str, depth: int):
+        node: Any = cfg
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConversionError(f"xp.cfg refers to ${{{dotted}}}, which it does not define")
+            node = node[part]
+        return resolve(node, depth + 1)
+
+    def resolve(node: Any, depth: int = 0) -> Any:
+        if depth > 20:
+            raise ConversionError("xp.cfg has circular ${...} references")
+        if isinstance(node, dict):
+            return {k: resolve(v, depth) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v, depth) for v in node]
+        if isinstance(node, str):
+            whole = re.fullmatch(r"\$\{([\w.]+)\}", node)
+            if whole:
+                return lookup(whole.group(1), depth)
+        return node
+
+    return resolve(cfg)
+
+
+# ---- writing ----
+def save_checkpoint(model: EncodecModel, directory: str | os.PathLike, to: str) -> None:
+    """Write `model` to `directory` (which must not exist) as config.json + model.safetensors
+    (+ preprocessor_config.json). `to="transformers"` names weight norm as current transformers
+    saves it; `"encodec-jax"` uses the Hub files' weight_g/weight_v."""
+    from safetensors.numpy import save_file
+
+    from .feature_extraction import EncodecFeatureExtractor
+
+    if to not in TARGETS:
+        raise ConversionError(f"unknown target {to!r}; choose one of {list(TARGETS)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True)
+    tensors = state_dict_from_model(model)
+    if to == "transformers":
+        tensors = {_to_parametrization_name(k): v for k, v in tensors.items()}
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    save_file(tensors, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
+    model.config.to_json_file(directory / CONFIG_NAME)
+    EncodecFeatureExtractor.from_config(model.config).save_pretrained(directory)
+
+
+def _to_parametrization_name(key: str) -> str:
+    if key.endswith(".weight_g"):
+        return key[: -len("weight_g")] + "parametrizations.weight.original0"
+    if key.endswith(".weight_v"):
+        return key[: -len("weight_v")] + "parametrizations.weight.original1"
+    return key
+
+
+def export_to_transformers(model: EncodecModel, directory: str | os.PathLike, force=False) -> None:
+    """Write an in-memory model (fine-tuned, say) as a transformers checkpoint directory."""
+    write_atomically(directory, lambda tmp: save_checkpoint(model, tmp, "transformers"), force)
+
+
+def write_atomically(directory: str | os.PathLike, write, force: bool = False) -> None:
+    """Run `write(tmp_dir)` and move the result to `directory` only if it succeeded.
+
+    A failure leaves nothing behind; an existing `directory` is replaced only with `force`, and
+    then only after the new one is complete.
+    """
+    target = Path(directory)
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} exists; pass --force to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        write(staging / "out")
+        if target.exists():
+            old = staging / "old"
+            os.replace(target, old)
+        os.replace(staging / "out", target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    to: str = "encodec-jax",
+    force: bool = False,
+    preset: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    **hub_kwargs,
+) -> str:
+    """Convert `src` (any supported source) into the directory `out`. Returns the source kind."""
+    if to not in TARGETS:
+        raise ConversionError(f"unknown target {to!r}; choose one of {list(TARGETS)}")
+    if Path(out).exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    model, kind = load_any(src, preset=preset, config_file=config_file, **hub_kwargs)
+    write_atomically(out, lambda tmp: save_checkpoint(model, tmp, to), force)
+    return kind
+
+
+__all__ = [
+    "ConversionError",
+    "config_from_audiocraft_yaml",
+    "convert",
+    "export_to_transformers",
+    "load_any",
+    "save_checkpoint",
+]
