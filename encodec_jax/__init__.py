@@ -1,5 +1,6 @@
 """encodec-jax: Meta's EnCodec neural audio codec in JAX/Flax, bit-exact with PyTorch."""
 
+from .compilation import enable_compilation_cache
 from .config import ENCODEC_24KHZ, ENCODEC_32KHZ, ENCODEC_48KHZ, PRESETS, EncodecConfig
 from .model import EncodecDecoderOutput, EncodecEncoderOutput, EncodecModel, EncodecOutput
 
@@ -14,7 +15,10 @@ __all__ = [
     "EncodecFeatureExtractor",
     "EncodecModel",
     "EncodecOutput",
+    "enable_compilation_cache",
 ]
+
+enable_compilation_cache()
 
 
 def __getattr__(name):

@@ -88,6 +88,10 @@ class EncodecModel(nnx.Module):
         # everywhere: TF32 or bf16 passes on GPU/TPU flip codes, and a flipped code changes every
         # later residual. Set to "default" (or "tensorfloat32", "bfloat16") to trade that for speed.
         self.matmul_precision = "highest"
+        # dtype of the SEANet activations and weights inside the compiled encoder and decoder.
+        # "bfloat16" halves memory traffic on accelerators at the cost of some codes (see
+        # README, "Numerics"); the quantizer always runs in float32.
+        self.compute_dtype = "float32"
         self.encoder = EncodecEncoder(config, rngs=rngs)
         self.decoder = EncodecDecoder(config, rngs=rngs)
         self.quantizer = EncodecResidualVectorQuantizer(config, rngs=rngs)
@@ -267,7 +271,19 @@ def _embed_chunks(
         scale = jnp.sqrt(jnp.mean(mono * mono, axis=-1, keepdims=True)) + 1e-8
         x = x / scale
         scale = scale.reshape(-1, 1)
-    return model.encoder(x.transpose(0, 2, 1)), scale
+    encoder, x = _in_compute_dtype(model, model.encoder, x)
+    return encoder(x.transpose(0, 2, 1)).astype(jnp.float32), scale
+
+
+def _in_compute_dtype(model: EncodecModel, network, x: jax.Array):
+    """`network` and `x` cast to `model.compute_dtype` (a no-op for float32)."""
+    dtype = jnp.dtype(model.compute_dtype)
+    if dtype == jnp.float32:
+        return network, x
+    cast = jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, network
+    )
+    return cast, x.astype(dtype)
 
 
 @partial(jax.jit, static_argnames=("num_quantizers",))
@@ -286,7 +302,8 @@ def _decode_embeddings(
     model: EncodecModel, embeddings: jax.Array, scales: jax.Array | None
 ) -> jax.Array:
     """embeddings `[N, frames, D]` -> audio `[N, C, frames * hop]`, times the scales if given."""
-    audio = model.decoder(embeddings).transpose(0, 2, 1)
+    decoder, embeddings = _in_compute_dtype(model, model.decoder, embeddings)
+    audio = decoder(embeddings).astype(jnp.float32).transpose(0, 2, 1)
     if scales is not None:
         audio = audio * scales[:, :, None]
     return audio

@@ -16,6 +16,8 @@ import numpy as np
 from jax import lax
 
 _CONV_DIMS = ("NWC", "OIW", "NWC")
+# A convolution with at most this many weights per input channel runs as a matmul (conv1d).
+_SMALL_CONV_SIDE = 32
 _JNP_PAD_MODES = {
     "constant": "constant",
     "reflect": "reflect",
@@ -71,7 +73,24 @@ def weight_norm(weight_v: jax.Array, weight_g: jax.Array) -> jax.Array:
 def conv1d(
     x: jax.Array, weight: jax.Array, bias: jax.Array, stride: int = 1, dilation: int = 1
 ) -> jax.Array:
-    """VALID 1-D convolution. x: `[B, T, Cin]`; weight: `[Cout, Cin, K]` -> `[B, T', Cout]`."""
+    """VALID 1-D convolution. x: `[B, T, Cin]`; weight: `[Cout, Cin, K]` -> `[B, T', Cout]`.
+
+    XLA's CPU convolution is slow with very few output channels (the decoder's last layer makes
+    1-2 audio channels): those run as one matmul to K values per step, summed at their shifts
+    (about 2x faster there; the same trick for few *input* channels measured slower).
+    """
+    c_out, c_in, kernel = weight.shape
+    steps = (x.shape[1] - (kernel - 1) * dilation - 1) // stride + 1
+
+    def tap(a: jax.Array, k: int) -> jax.Array:  # a[t * stride + k * dilation] for every t
+        start = k * dilation
+        return lax.slice_in_dim(a, start, start + (steps - 1) * stride + 1, stride, axis=1)
+
+    if kernel > 1 and c_out * kernel <= _SMALL_CONV_SIDE:
+        z = x @ weight.transpose(1, 2, 0).reshape(c_in, kernel * c_out)  # [B, T, K*Cout]
+        z = z.reshape(*z.shape[:2], kernel, c_out)
+        out = sum(tap(z[:, :, k], k) for k in range(kernel))
+        return out + bias
     y = lax.conv_general_dilated(
         x,
         weight,
@@ -104,13 +123,14 @@ def conv_transpose1d(x: jax.Array, weight: jax.Array, bias: jax.Array, stride: i
         )
         return y + bias
     blocks = kernel // stride
-    # [Cin, Cout, blocks, stride] -> [Cin, blocks * stride * Cout]; output step t*stride + k
-    # receives block k // stride of input step t.
-    w = weight.reshape(c_in, c_out, blocks, stride).transpose(0, 2, 3, 1).reshape(c_in, -1)
-    y = (x @ w).reshape(batch, steps, blocks, stride, c_out)
-    out = jnp.zeros((batch, steps + blocks - 1, stride, c_out), y.dtype)
-    for b in range(blocks):
-        out = out.at[:, b : b + steps].add(y[:, :, b])
+    # Kernel block k maps input step t to output samples [(t + k) * stride, (t + k + 1) * stride):
+    # one matmul per block with a contiguous [Cin, stride * Cout] weight, then shifted sums.
+    w = weight.reshape(c_in, c_out, blocks, stride).transpose(2, 0, 3, 1)
+    w = w.reshape(blocks, c_in, stride * c_out)
+    out = None
+    for k in range(blocks):
+        y = jnp.pad(x @ w[k], ((0, 0), (k, blocks - 1 - k), (0, 0)))
+        out = y if out is None else out + y
     return out.reshape(batch, (steps + blocks - 1) * stride, c_out) + bias
 
 
