@@ -94,20 +94,33 @@ def model_from_state_dict(
         for k in set(expected) & set(renamed)
         if tuple(np.shape(renamed[k])) != tuple(expected[k][1].shape)
     )
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {unexpected}")
-    if misshaped:
-        problems.append(f"tensors of the wrong shape: {misshaped}")
+    problems = [
+        _listing(what, names)
+        for what, names in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("of the wrong shape", misshaped),
+        )
+        if names
+    ]
     if problems:
-        raise ValueError("Checkpoint does not fit the config: " + "; ".join(problems))
+        hint = ""
+        if len(missing) + len(unexpected) + len(misshaped) > 10:
+            hint = " (do the weights and the config describe the same model?)"
+        raise ValueError("Checkpoint does not fit the config" + hint + ": " + "; ".join(problems))
     flat = [
         (path, var.replace(jnp.asarray(renamed[key], jnp.float32)))
         for key, (path, var) in expected.items()
     ]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _listing(what: str, names: list[str], limit: int = 8) -> str:
+    """`3 tensors missing: a, b, c` — every name when few, the first `limit` and a count else."""
+    shown = ", ".join(names[:limit]) + (
+        f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    )
+    return f"{len(names)} tensors {what}: {shown}"
 
 
 def state_dict_from_model(model: EncodecModel) -> dict[str, np.ndarray]:
@@ -175,7 +188,8 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or foreign files
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = reason.split(". ")[0].rstrip(".")  # torch appends paragraphs of advice
         raise ValueError(f"Cannot read {path}: corrupt or not a checkpoint ({reason})") from err
     return _tensors_to_numpy(obj, torch)
 
@@ -240,7 +254,7 @@ def resolve_pretrained(
     if path.exists():
         raise ValueError(f"{path} is a file; from_pretrained takes a checkpoint directory")
     repo_id = str(path_or_repo_id)
-    if repo_id.startswith((".", "/", "~")) or repo_id.count("/") > 1:
+    if not is_hub_id(repo_id):
         raise FileNotFoundError(f"No such checkpoint directory: {repo_id}")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
@@ -263,6 +277,14 @@ def resolve_pretrained(
     except EntryNotFoundError:
         download(PYTORCH_NAME)
     return config_path.parent
+
+
+def is_hub_id(text: str) -> bool:
+    """`owner/name` that is not a local path: no such file, and `owner` is no local folder
+    (so a mistyped `checkpoints/model.th` is reported as missing, not looked up on the Hub)."""
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) is None or text.startswith("."):
+        return False
+    return not Path(text).exists() and not Path(text).parent.is_dir()
 
 
 def load_pretrained(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> EncodecModel:

@@ -30,6 +30,7 @@ import numpy as np
 from .checkpoint import (
     CONFIG_NAME,
     SAFETENSORS_NAME,
+    is_hub_id,
     load_pretrained,
     model_from_state_dict,
     read_torch_state_dict,
@@ -72,7 +73,7 @@ def load_any(
     if path.is_dir() or not path.exists():
         if override is not None:
             raise ConversionError("--preset/--config apply to .th files only")
-        if not path.exists() and not _looks_like_repo_id(str(src)):
+        if not path.exists() and not is_hub_id(str(src)):
             raise FileNotFoundError(f"No such file or directory: {src}")
         return load_pretrained(src, **hub_kwargs), "transformers"
     obj = read_torch_state_dict(path)
@@ -97,10 +98,6 @@ def load_any(
             f"{path} is the encodec package's entropy-coding language model, not the codec"
         )
     raise ConversionError(f"{path} is not an EnCodec checkpoint (no encoder/decoder tensors)")
-
-
-def _looks_like_repo_id(text: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None
 
 
 def _config_override(preset: str | None, config_file) -> EncodecConfig | None:
@@ -158,7 +155,7 @@ def config_from_audiocraft_yaml(text: str | Mapping[str, Any]) -> EncodecConfig:
     cannot express (another activation, norms disabled on the outer blocks, encoder and decoder
     that differ, a final activation) is an error naming it.
     """
-    cfg = _resolve_interpolations(_parse_yaml(text))
+    cfg = _resolve_interpolations(_parse_yaml(text), sections=_MODEL_SECTIONS)
     if cfg.get("compression_model", "encodec") != "encodec":
         raise ConversionError(f"not an EnCodec model: compression_model={cfg['compression_model']}")
     encodec = dict(cfg.get("encodec") or {})
@@ -253,8 +250,12 @@ def _parse_yaml(text: str | Mapping[str, Any]) -> dict:
     return data
 
 
-def _resolve_interpolations(cfg: dict) -> dict:
-    """Resolve OmegaConf's `${a.b}` references (audiocraft dumps its config unresolved)."""
+_MODEL_SECTIONS = ("compression_model", "encodec", "seanet", "rvq")
+
+
+def _resolve_interpolations(cfg: dict, sections: tuple[str, ...]) -> dict:
+    """Resolve OmegaConf's absolute `${a.b}` references (audiocraft dumps its config unresolved)
+    in the given top-level `sections`; the rest of the file (solver, optim...) is not read."""
 
     def lookup(dotted: str, depth: int):
         node: Any = cfg
@@ -277,7 +278,7 @@ def _resolve_interpolations(cfg: dict) -> dict:
                 return lookup(whole.group(1), depth)
         return node
 
-    return resolve(cfg)
+    return {k: resolve(v) for k, v in cfg.items() if k in sections}
 
 
 # ---- writing ----

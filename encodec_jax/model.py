@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import ops
+from . import ops, tiling
 from .config import EncodecConfig
 from .modules import EncodecDecoder, EncodecEncoder, EncodecResidualVectorQuantizer
 
@@ -92,6 +92,9 @@ class EncodecModel(nnx.Module):
         # "bfloat16" halves memory traffic on accelerators at the cost of some codes (see
         # README, "Numerics"); the quantizer always runs in float32.
         self.compute_dtype = "float32"
+        # Inputs longer than twice this many frames run their conv stacks in tiles of it (see
+        # encodec_jax/tiling.py): same result, memory bounded by the tile. None: never tile.
+        self.tile_frames = 1024
         self.encoder = EncodecEncoder(config, rngs=rngs)
         self.decoder = EncodecDecoder(config, rngs=rngs)
         self.quantizer = EncodecResidualVectorQuantizer(config, rngs=rngs)
@@ -158,7 +161,7 @@ class EncodecModel(nnx.Module):
             chunks = _gather_chunks(x, windows)
             chunk_mask = None if mask is None else _gather_chunks(mask, windows)
             with jax.default_matmul_precision(self.matmul_precision):
-                embeddings, scales = _embed_chunks(self, chunks, chunk_mask)
+                embeddings, scales = _embed(self, chunks, chunk_mask)
                 codes = _quantize(self, embeddings, num_quantizers)
             codes = codes.reshape(len(indices), batch, *codes.shape[1:])
             for j, i in enumerate(indices):
@@ -209,7 +212,7 @@ class EncodecModel(nnx.Module):
             chunk_scales = None if scales is None else scales[np.array(indices)].reshape(-1, 1)
             with jax.default_matmul_precision(self.matmul_precision):
                 embeddings = _dequantize(self, chunk_codes)
-                audio = _decode_embeddings(self, embeddings, chunk_scales)
+                audio = _decode(self, embeddings, chunk_scales)
             audio = audio.reshape(len(indices), batch, *audio.shape[1:])
             for j, i in enumerate(indices):
                 decoded[i] = audio[j]
@@ -258,11 +261,8 @@ class EncodecModel(nnx.Module):
 # ---- the compiled core: the model is an argument; shapes and n_q are static ----
 # The SEANet networks and the quantizer compile separately: the networks' programs, the expensive
 # ones to compile, are then shared by every bandwidth.
-@jax.jit
-def _embed_chunks(
-    model: EncodecModel, x: jax.Array, mask: jax.Array | None
-) -> tuple[jax.Array, jax.Array | None]:
-    """x: `[N, C, L]` -> embeddings `[N, frames, D]`, scales `[N, 1]` (or None)."""
+def _prepare(model: EncodecModel, x: jax.Array, mask: jax.Array | None):
+    """Mask and normalise `[N, C, L]` audio as the reference does; `[N, L, C]` and scales."""
     if mask is not None:
         x = x * mask
     scale = None
@@ -271,8 +271,54 @@ def _embed_chunks(
         scale = jnp.sqrt(jnp.mean(mono * mono, axis=-1, keepdims=True)) + 1e-8
         x = x / scale
         scale = scale.reshape(-1, 1)
+    return x.transpose(0, 2, 1), scale
+
+
+@jax.jit
+def _embed_chunks(
+    model: EncodecModel, x: jax.Array, mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array | None]:
+    """x: `[N, C, L]` -> embeddings `[N, frames, D]`, scales `[N, 1]` (or None)."""
+    x, scale = _prepare(model, x, mask)
     encoder, x = _in_compute_dtype(model, model.encoder, x)
-    return encoder(x.transpose(0, 2, 1)).astype(jnp.float32), scale
+    return encoder(x).astype(jnp.float32), scale
+
+
+_prepare_jit = jax.jit(_prepare)
+
+
+@jax.jit
+def _encoder_convs(model: EncodecModel, x: jax.Array) -> jax.Array:
+    encoder, x = _in_compute_dtype(model, model.encoder, x)
+    return encoder.convs(x)
+
+
+@jax.jit
+def _encoder_after_convs(model: EncodecModel, h: jax.Array) -> jax.Array:
+    encoder, h = _in_compute_dtype(model, model.encoder, h)
+    return encoder.after_convs(h).astype(jnp.float32)
+
+
+def _embed(model: EncodecModel, x: jax.Array, mask: jax.Array | None):
+    """`_embed_chunks`, with the conv stack in tiles for long inputs (same result)."""
+    frames = ops.num_frames(x.shape[-1], model.config.hop_length)
+    if not _tiles_wanted(model, frames):
+        return _embed_chunks(model, x, mask)
+    x, scale = _prepare_jit(model, x, mask)
+    margin = tiling.encoder_margin_frames(model.config)
+    plan = tiling.plan_tiles(frames, model.tile_frames, margin, model.config.hop_length, x.shape[1])
+    parts = [
+        _encoder_convs(model, x[:, t.start : t.stop])[:, t.keep_start : t.keep_stop] for t in plan
+    ]
+    return _encoder_after_convs(model, jnp.concatenate(parts, axis=1)), scale
+
+
+def _tiles_wanted(model: EncodecModel, frames: int) -> bool:
+    return (
+        model.tile_frames is not None
+        and frames > 2 * model.tile_frames
+        and tiling.can_tile(model.config)
+    )
 
 
 def _in_compute_dtype(model: EncodecModel, network, x: jax.Array):
@@ -303,10 +349,43 @@ def _decode_embeddings(
 ) -> jax.Array:
     """embeddings `[N, frames, D]` -> audio `[N, C, frames * hop]`, times the scales if given."""
     decoder, embeddings = _in_compute_dtype(model, model.decoder, embeddings)
-    audio = decoder(embeddings).astype(jnp.float32).transpose(0, 2, 1)
-    if scales is not None:
-        audio = audio * scales[:, :, None]
-    return audio
+    return _finish_audio(decoder(embeddings), scales)
+
+
+def _finish_audio(audio: jax.Array, scales: jax.Array | None) -> jax.Array:
+    audio = audio.astype(jnp.float32).transpose(0, 2, 1)
+    return audio if scales is None else audio * scales[:, :, None]
+
+
+_finish_audio_jit = jax.jit(_finish_audio)
+
+
+@jax.jit
+def _decoder_before_convs(model: EncodecModel, embeddings: jax.Array) -> jax.Array:
+    decoder, embeddings = _in_compute_dtype(model, model.decoder, embeddings)
+    return decoder.before_convs(embeddings)
+
+
+@jax.jit
+def _decoder_convs(model: EncodecModel, h: jax.Array) -> jax.Array:
+    decoder, h = _in_compute_dtype(model, model.decoder, h)
+    return decoder.convs(h)
+
+
+def _decode(model: EncodecModel, embeddings: jax.Array, scales: jax.Array | None) -> jax.Array:
+    """`_decode_embeddings`, with the conv stack in tiles for long inputs (same result)."""
+    frames = embeddings.shape[1]
+    if not _tiles_wanted(model, frames):
+        return _decode_embeddings(model, embeddings, scales)
+    h = _decoder_before_convs(model, embeddings)
+    hop = model.config.hop_length
+    margin = tiling.decoder_margin_frames(model.config)
+    plan = tiling.plan_tiles(frames, model.tile_frames, margin, 1, frames)
+    parts = [
+        _decoder_convs(model, h[:, t.start : t.stop])[:, t.keep_start * hop : t.keep_stop * hop]
+        for t in plan
+    ]
+    return _finish_audio_jit(jnp.concatenate(parts, axis=1), scales)
 
 
 @partial(jax.jit, static_argnames=("lengths", "stride"))

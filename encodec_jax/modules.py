@@ -221,9 +221,20 @@ class EncodecEncoder(nnx.Module):
         layers.append(ELU())
         layers.append(EncodecConv1d(c, dim, c.hidden_size, c.last_kernel_size, rngs=rngs))
         self.layers = nnx.List(layers)
+        self.lstm_index = len(layers) - 3
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers:
+        return self.after_convs(self.convs(x))
+
+    def convs(self, x: jax.Array) -> jax.Array:
+        """The convolutional stack before the LSTM: local in time, so it can run in tiles."""
+        for layer in self.layers[: self.lstm_index]:
+            x = layer(x)
+        return x
+
+    def after_convs(self, x: jax.Array) -> jax.Array:
+        """LSTM, ELU and the last conv, at the frame rate."""
+        for layer in self.layers[self.lstm_index :]:
             x = layer(x)
         return x
 
@@ -249,7 +260,17 @@ class EncodecDecoder(nnx.Module):
         self.layers = nnx.List(layers)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers:
+        return self.convs(self.before_convs(x))
+
+    def before_convs(self, x: jax.Array) -> jax.Array:
+        """The first conv and the LSTM, at the frame rate."""
+        for layer in self.layers[:2]:
+            x = layer(x)
+        return x
+
+    def convs(self, x: jax.Array) -> jax.Array:
+        """The upsampling stack after the LSTM: local in time, so it can run in tiles."""
+        for layer in self.layers[2:]:
             x = layer(x)
         return x
 

@@ -1,0 +1,99 @@
+"""Long inputs run their conv stacks in time tiles: the result must not change."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from encodec_jax import ENCODEC_24KHZ, ENCODEC_32KHZ, EncodecConfig, EncodecModel, tiling
+from encodec_jax.model import _decode, _decode_embeddings, _embed, _embed_chunks
+
+
+def tiled_and_untiled(config: EncodecConfig, length: int, tile_frames: int = 7):
+    model = EncodecModel(config, rngs=nnx.Rngs(0))
+    model.tile_frames = tile_frames
+    rng = np.random.default_rng(length)
+    x = jnp.asarray(0.1 * rng.standard_normal((2, config.audio_channels, length)), jnp.float32)
+    emb, scale = _embed_chunks(model, x, None)
+    tiled_emb, tiled_scale = _embed(model, x, None)
+    audio = _decode_embeddings(model, emb, scale)
+    tiled_audio = _decode(model, emb, scale)
+    return (emb, audio), (tiled_emb, tiled_audio)
+
+
+@pytest.mark.parametrize("config", [ENCODEC_24KHZ, ENCODEC_32KHZ], ids=["24khz", "32khz"])
+@pytest.mark.parametrize("extra", [0, 13])
+def test_tiles_keep_published_architectures_exact(config, extra):
+    """Embeddings (so codes) are bit-identical. The decoder's matmuls get other row counts per
+    tile, for which XLA may block the sums differently: audio agrees to float32 rounding
+    (measured 6e-8 at 24 kHz, 0 at 32 kHz)."""
+    length = config.hop_length * 37 + extra  # 37 frames in tiles of 7 plus margins
+    (emb, audio), (tiled_emb, tiled_audio) = tiled_and_untiled(config, length)
+    np.testing.assert_array_equal(np.asarray(tiled_emb), np.asarray(emb))
+    np.testing.assert_allclose(np.asarray(tiled_audio), np.asarray(audio), rtol=0, atol=1e-6)
+
+
+def test_tiles_match_other_architectures_to_float_rounding():
+    """Other shapes compile to other XLA kernels, which can round differently (~1e-7)."""
+    config = EncodecConfig(
+        num_filters=4,
+        hidden_size=8,
+        codebook_size=16,
+        use_causal_conv=False,
+        pad_mode="constant",
+        upsampling_ratios=(3, 5, 2),
+        num_residual_layers=2,
+        dilation_growth_rate=3,
+        normalize=True,
+    )
+    (emb, audio), (tiled_emb, tiled_audio) = tiled_and_untiled(config, config.hop_length * 40 + 7)
+    np.testing.assert_allclose(np.asarray(tiled_emb), np.asarray(emb), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(tiled_audio), np.asarray(audio), rtol=0, atol=1e-6)
+
+
+def test_plan_covers_every_frame_once():
+    plan = tiling.plan_tiles(num_frames=37, tile_frames=7, margin=3, scale=320, length=37 * 320 - 5)
+    kept = []
+    for tile in plan:
+        first = tile.start // 320 + tile.keep_start
+        kept.extend(range(first, first + tile.keep_stop - tile.keep_start))
+        assert tile.keep_start >= min(3, tile.start // 320 + tile.keep_start)
+    assert kept == list(range(37))
+    assert plan[0].start == 0 and plan[-1].stop == 37 * 320 - 5
+
+
+def test_time_group_norm_models_are_not_tiled():
+    assert not tiling.can_tile(EncodecConfig(norm_type="time_group_norm"))
+
+
+LONG_AUDIO = textwrap.dedent(
+    """
+    import resource, sys
+    import numpy as np
+    from flax import nnx
+    from encodec_jax import ENCODEC_32KHZ, EncodecModel
+    model = EncodecModel(ENCODEC_32KHZ, rngs=nnx.Rngs(0))
+    x = (0.1 * np.random.default_rng(0).standard_normal((1, 1, 32000 * 600))).astype(np.float32)
+    out = model(x)
+    assert out.audio_values.shape[-1] >= x.shape[-1]
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ten_minutes_at_32khz_in_one_call_stays_small():
+    """10 min at 32 kHz, encoded and decoded in one call. Untiled, the first layers alone hold
+    several 4.9 GB activations (transformers measured 2.8 GiB at 60 s, growing linearly)."""
+    out = subprocess.run(
+        [sys.executable, "-c", LONG_AUDIO], capture_output=True, text=True, timeout=1200
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak_gib = float(out.stdout.strip().splitlines()[-1])
+    assert peak_gib < 4.0, f"peak memory {peak_gib:.2f} GiB"
