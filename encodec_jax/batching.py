@@ -6,6 +6,7 @@ batches of a fixed size, so a dataset of any mix of lengths compiles one program
 each item's codes are then cut back to its own frames. Padding is not free for non-causal
 models: see `docs` in README ("Batched encoding") for which frames can differ from encoding the
 item alone, and `exact=True` for the mode that groups equal lengths only and matches it exactly.
+Decoding always batches only items of the same frame layout, and matches single-item decoding.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _round_bucket(config: EncodecConfig, length: int) -> int:
         # whole chunk strides, so that no item of the bucket has a short trailing chunk of
         # its own that the padded batch would not have.
         stride = config.chunk_stride
-        return max(1, math.ceil((length - config.chunk_length) / stride)) * stride + (
+        return max(0, math.ceil((length - config.chunk_length) / stride)) * stride + (
             config.chunk_length
         )
     return math.ceil(length / config.hop_length) * config.hop_length
@@ -112,8 +113,11 @@ class BatchCodec:
         devices = self.mesh.devices.size
         self.batch_size = math.ceil(max(1, batch_size) / devices) * devices
         self.buckets = tuple(buckets) if buckets is not None else default_buckets(self.config)
-        if not self.buckets or min(self.buckets) < 1:
-            raise ValueError(f"buckets must be positive lengths, got {self.buckets}")
+        if not self.buckets or not all(
+            isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 1
+            for b in self.buckets
+        ):
+            raise ValueError(f"buckets must be positive integer lengths, got {self.buckets}")
         self.exact = exact
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
         self.model = jax.device_put(model, NamedSharding(self.mesh, PartitionSpec()))
@@ -160,30 +164,33 @@ class BatchCodec:
 
     # ---- decode ----
     def decode(self, items: Sequence[EncodedItem]) -> list[np.ndarray]:
-        """Decode items back to audio `[channels, num_samples]` each."""
+        """Decode items back to audio `[channels, num_samples]` each.
+
+        Items are batched only with items of the same chunk layout (frames per chunk): codes
+        cannot be padded without changing what a non-causal decoder makes of the real ones, so
+        every item decodes exactly as `EncodecModel.decode` decodes it alone.
+        """
         results: list[np.ndarray | None] = [None] * len(items)
-        for length, indices in self._batches([item.num_samples for item in items]):
-            bounds = ops.chunk_bounds(length, self.config.chunk_length, self.config.chunk_stride)
-            frames = tuple(ops.num_frames(n, self.config.hop_length) for _, n in bounds)
-            n_q = items[indices[0]].audio_codes.shape[1]
-            codes = np.zeros((len(frames), self.batch_size, n_q, max(frames)), np.int32)
-            scales = np.ones((len(frames), self.batch_size), np.float32)
-            for row, i in enumerate(indices):
-                item = items[i]
-                if item.audio_codes.shape[1] != n_q:
-                    raise ValueError("all items of a decode call must have the same n_q")
-                chunks, _, width = item.audio_codes.shape
-                codes[:chunks, row, :, :width] = item.audio_codes
-                if item.audio_scales is not None:
-                    scales[:chunks, row] = item.audio_scales
-            audio = self.model.decode(
-                jax.device_put(codes, NamedSharding(self.mesh, PartitionSpec(None, "data"))),
-                scales[:, :, None] if self.config.normalize else None,
-                chunk_frames=frames,
-            ).audio_values
-            audio = np.asarray(audio)
-            for row, i in enumerate(indices):
-                results[i] = audio[row, :, : items[i].num_samples]
+        groups: dict[tuple[tuple[int, ...], int], list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault((item.chunk_frames, item.audio_codes.shape[1]), []).append(i)
+        for (frames, n_q), indices in sorted(groups.items()):
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start : start + self.batch_size]
+                codes = np.zeros((len(frames), self.batch_size, n_q, max(frames)), np.int32)
+                scales = np.ones((len(frames), self.batch_size), np.float32)
+                for row, i in enumerate(batch):
+                    codes[:, row] = items[i].audio_codes
+                    if items[i].audio_scales is not None:
+                        scales[:, row] = items[i].audio_scales
+                audio = self.model.decode(
+                    jax.device_put(codes, NamedSharding(self.mesh, PartitionSpec(None, "data"))),
+                    scales[:, :, None] if self.config.normalize else None,
+                    chunk_frames=frames,
+                ).audio_values
+                audio = np.asarray(audio)
+                for row, i in enumerate(batch):
+                    results[i] = audio[row, :, : items[i].num_samples]
         return results  # type: ignore[return-value]
 
     # ---- helpers ----
@@ -211,6 +218,8 @@ class BatchCodec:
             raise ValueError(f"item {index} is empty")
         if not np.issubdtype(a.dtype, np.floating):
             raise ValueError(f"item {index}: expected floating-point audio, got {a.dtype}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"item {index} contains NaN or Inf")
         return a.astype(np.float32, copy=False)
 
 

@@ -28,7 +28,7 @@ def tiled_and_untiled(config: EncodecConfig, length: int, tile_frames: int = 7):
 
 
 @pytest.mark.parametrize("config", [ENCODEC_24KHZ, ENCODEC_32KHZ], ids=["24khz", "32khz"])
-@pytest.mark.parametrize("extra", [0, 13])
+@pytest.mark.parametrize("extra", [13, pytest.param(0, marks=pytest.mark.slow)])
 def test_tiles_keep_published_architectures_exact(config, extra):
     """Embeddings (so codes) are bit-identical. The decoder's matmuls get other row counts per
     tile, for which XLA may block the sums differently: audio agrees to float32 rounding

@@ -1,0 +1,117 @@
+"""Side-by-side timings of the choices made in encodec_jax/ops.py, at the 32 kHz model's shapes
+(batch 8 x 10 s), each against the straightforward alternative, in one run.
+
+    python benchmarks/ablations.py [--repeats 5]
+
+Prints median times and the speed-up of the chosen form. Results go in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from encodec_jax import ops
+
+
+def median_time(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def lstm_projection_in_loop(x, w_ih, w_hh, b_ih, b_hh):
+    """The LSTM with the input projection inside the scan, as a direct port would write it."""
+    hidden = w_hh.shape[1]
+
+    def step(carry, xt):
+        h, c = carry
+        gates = xt @ w_ih.T + b_ih + h @ w_hh.T + b_hh
+        i, f, g, o = jnp.split(gates, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return (h, c), h
+
+    zeros = jnp.zeros((x.shape[0], hidden), x.dtype)
+    _, hs = lax.scan(step, (zeros, zeros), x.swapaxes(0, 1))
+    return hs.swapaxes(0, 1)
+
+
+def conv_transpose_dilated(x, weight, bias, stride):
+    """Transposed conv as XLA's dilated convolution (lax.conv_transpose's lowering)."""
+    kernel = weight.shape[2]
+    flipped = jnp.flip(weight, axis=2).transpose(1, 0, 2)
+    y = lax.conv_general_dilated(
+        x,
+        flipped,
+        window_strides=(1,),
+        padding=[(kernel - 1, kernel - 1)],
+        lhs_dilation=(stride,),
+        dimension_numbers=("NWC", "OIW", "NWC"),
+    )
+    return y + bias
+
+
+def conv_xla(x, weight, bias):
+    return (
+        lax.conv_general_dilated(x, weight, (1,), "VALID", dimension_numbers=("NWC", "OIW", "NWC"))
+        + bias
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+
+    def arr(*shape, scale=0.05):
+        return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
+
+    rows = []
+    # LSTM of the 32 kHz encoder: 1024 units, 500 frames (10 s at 50 Hz), batch 8.
+    x, w_ih, w_hh, b = arr(8, 500, 1024), arr(4096, 1024), arr(4096, 1024), arr(4096)
+    rows.append(
+        (
+            "LSTM layer: input projection hoisted out of the scan",
+            median_time(
+                jax.jit(lstm_projection_in_loop), x, w_ih, w_hh, b, b, repeats=args.repeats
+            ),
+            median_time(jax.jit(ops.lstm_layer), x, w_ih, w_hh, b, b, repeats=args.repeats),
+        )
+    )
+    # The four transposed convs of the 32 kHz decoder, summed.
+    chosen = jax.jit(ops.conv_transpose1d, static_argnums=3)
+    dilated = jax.jit(conv_transpose_dilated, static_argnums=3)
+    before = after = 0.0
+    for steps, c_in, stride in [(500, 1024, 8), (4000, 512, 5), (20000, 256, 4), (80000, 128, 4)]:
+        x, w, b = arr(8, steps, c_in), arr(c_in, c_in // 2, 2 * stride), arr(c_in // 2)
+        before += median_time(dilated, x, w, b, stride, repeats=args.repeats)
+        after += median_time(chosen, x, w, b, stride, repeats=args.repeats)
+    rows.append(("4 ConvTranspose1d of the decoder: block matmuls vs dilated conv", before, after))
+    # Last conv of the 32 kHz decoder: 64 -> 1 channel, kernel 7, 320,000 steps.
+    x, w, b = arr(8, 320_006, 64), arr(1, 64, 7), arr(1)
+    rows.append(
+        (
+            "Conv1d 64->1, kernel 7: matmul + shifted sum vs XLA conv",
+            median_time(jax.jit(conv_xla), x, w, b, repeats=args.repeats),
+            median_time(jax.jit(ops.conv1d), x, w, b, repeats=args.repeats),
+        )
+    )
+    print(f"{'change':66} {'before s':>9} {'after s':>8} {'speed-up':>8}")
+    for name, before, after in rows:
+        print(f"{name:66} {before:9.3f} {after:8.3f} {before / after:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
