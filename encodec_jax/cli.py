@@ -1,10 +1,30 @@
-"""The `encodec-jax` command line: a thin layer of argument parsing over the library."""
+"""The `encodec-jax` command line: a thin layer of argument parsing over the library.
+
+    encodec-jax encode IN... -o OUT          audio -> codes (.npz, or .ecdc for 24/48 kHz)
+    encodec-jax decode CODES -o OUT.wav      codes -> audio
+    encodec-jax reconstruct IN -o OUT.wav    audio -> codes -> audio
+    encodec-jax tokenize IN_DIR -o OUT_DIR   a directory of audio -> Parquet shards of codes
+    encodec-jax convert SRC OUT              PyTorch checkpoints -> encodec-jax directories
+
+Every failure is one line on stderr and a non-zero exit status; outputs are written under a
+temporary name and renamed into place, so a failed command leaves no partial file.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+
+DEFAULT_MODEL = "facebook/encodec_32khz"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_hub_options(parser: argparse.ArgumentParser) -> None:
@@ -13,6 +33,229 @@ def _add_hub_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--local-files-only", action="store_true", help="use the Hub cache only (offline)"
     )
+
+
+def _add_model_options(
+    parser: argparse.ArgumentParser, bandwidth: bool = True, default: str = DEFAULT_MODEL
+) -> None:
+    parser.add_argument(
+        "--model", default=None, help=f"Hub id or local checkpoint directory (default: {default})"
+    )
+    if bandwidth:
+        parser.add_argument(
+            "--bandwidth",
+            type=float,
+            default=None,
+            help="target bandwidth in kbps, one of the model's (default: its smallest)",
+        )
+    _add_hub_options(parser)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _load_model(args: argparse.Namespace, name: str | None = None):
+    """The model named by --model (or `name`), with --bandwidth checked against it."""
+    from .model import EncodecModel
+
+    name = name or args.model or DEFAULT_MODEL
+    model = EncodecModel.from_pretrained(
+        name,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        local_files_only=args.local_files_only,
+    )
+    if getattr(args, "bandwidth", None) is not None:
+        model.config.num_quantizers_for_bandwidth(args.bandwidth)  # raises for a bad one
+    return model, name
+
+
+def _encode_file(model, name: str, path: str, bandwidth: float | None):
+    """(Codes, notes) of one audio file."""
+    from .audio import load_audio
+    from .codes import codes_from_encoding
+
+    config = model.config
+    audio, notes = load_audio(path, config.sampling_rate, config.audio_channels)
+    encoded = model.encode(audio[None], bandwidth=bandwidth)
+    return codes_from_encoding(encoded, config, name, bandwidth, audio.shape[-1]), notes
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _describe(codes) -> str:
+    chunks = codes.audio_codes.shape[0]
+    return (
+        f"{codes.num_samples / codes.sample_rate:.2f} s, {codes.n_q} codebooks x "
+        f"{sum(codes.chunk_frames)} frames"
+        + (f" in {chunks} chunks" if chunks > 1 else "")
+        + f", {codes.bandwidth:g} kbps"
+    )
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from .codes import CodesError, codes_format, ecdc_model_name, save_codes
+
+    single = len(args.inputs) == 1 and not (
+        os.path.isdir(args.output) or args.output.endswith(("/", os.sep))
+    )
+    if single:
+        fmt = codes_format(args.output)
+        if args.format is not None and args.format != fmt:
+            raise CodesError(f"--format {args.format} contradicts the extension of {args.output}")
+        outputs = [args.output]
+    else:
+        if os.path.exists(args.output) and not os.path.isdir(args.output):
+            raise CodesError(
+                f"with several inputs, -o must be a directory; {args.output} is a file"
+            )
+        fmt = args.format or "npz"
+        outputs = [
+            os.path.join(args.output, os.path.splitext(os.path.basename(p))[0] + "." + fmt)
+            for p in args.inputs
+        ]
+        seen: dict[str, str] = {}
+        for path, out in zip(args.inputs, outputs, strict=True):
+            if out in seen:
+                raise CodesError(f"{seen[out]} and {path} would both be written to {out}")
+            seen[out] = path
+    model, name = _load_model(args)
+    if fmt == "ecdc":
+        ecdc_model_name(model.config)  # before any work: .ecdc holds only two models
+    # Codes are small: keep them all and write at the end, so that a failing input leaves
+    # no output behind.
+    results = []
+    for path in args.inputs:
+        codes, notes = _encode_file(model, name, path, args.bandwidth)
+        for note in notes:
+            print(f"note: {path}: {note}")
+        results.append(codes)
+    if not single:
+        os.makedirs(args.output, exist_ok=True)
+    for path, out, codes in zip(args.inputs, outputs, results, strict=True):
+        save_codes(out, codes, model.config)
+        print(f"{path} -> {out}: {_describe(codes)}")
+    return 0
+
+
+def _decode(args: argparse.Namespace) -> int:
+    from .audio import check_writable_format, save_audio
+    from .codes import CodesError, check_codes_fit, codes_format, load_codes
+
+    check_writable_format(args.output)
+    is_ecdc = codes_format(args.codes) == "ecdc"
+    codes = load_codes(args.codes)
+    if is_ecdc and args.model is None:
+        raise CodesError(
+            f"{args.codes} holds codes of the encodec package's {codes.model} and does not say "
+            f"where its weights are: give the model with --model (e.g. --model "
+            f"facebook/{codes.model})"
+        )
+    if args.model is None and not is_ecdc:
+        # The .npz names the model that made it: decode with that one unless told otherwise.
+        try:
+            model, name = _load_model(args, codes.model)
+        except Exception as err:
+            raise CodesError(
+                f"cannot load the model {codes.model} that {args.codes} names ({_first_line(err)})"
+                "; give the model with --model"
+            ) from None
+    else:
+        model, name = _load_model(args)
+    check_codes_fit(codes, model.config, name)
+    if not is_ecdc and codes.model != name:
+        print(f"note: {args.codes} was made with {codes.model}; decoding with {name}")
+    audio = model.decode(**codes.decode_args()).audio_values
+    import numpy as np
+
+    audio = np.asarray(audio)[0, :, : codes.num_samples]
+    save_audio(args.output, audio, codes.sample_rate)
+    print(f"{args.codes} -> {args.output}: {_describe(codes)}")
+    return 0
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from .audio import check_writable_format, save_audio
+
+    check_writable_format(args.output)
+    model, name = _load_model(args)
+    codes, notes = _encode_file(model, name, args.input, args.bandwidth)
+    for note in notes:
+        print(f"note: {args.input}: {note}")
+    import numpy as np
+
+    audio = model.decode(**codes.decode_args()).audio_values
+    save_audio(args.output, np.asarray(audio)[0, :, : codes.num_samples], codes.sample_rate)
+    print(f"{args.input} -> {args.output}: {_describe(codes)}")
+    return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    from .tokenize import EXIT_SOME_FAILED, TokenizeError, tokenize_directory
+
+    if not os.path.isdir(args.input_dir):
+        raise TokenizeError(f"input directory {args.input_dir} does not exist")
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    model, name = _load_model(args)
+    buckets = None
+    if args.buckets:
+        buckets = [round(s * model.config.sampling_rate) for s in args.buckets]
+    result = tokenize_directory(
+        model,
+        args.input_dir,
+        args.output,
+        model_name=name,
+        bandwidth=args.bandwidth,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        buckets=buckets,
+        exact=args.exact,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    seconds = max(result.seconds, 1e-9)
+    print(
+        f"tokenized {result.processed_files} files ({result.audio_seconds / 3600:.3f} h of "
+        f"audio) in {result.seconds:.1f} s: {result.processed_files / seconds:.2f} files/s, "
+        f"{result.audio_seconds / seconds:.1f}x realtime; {result.files} files, "
+        f"{result.shards} shards in {args.output}"
+        + (
+            f" ({result.files - result.processed_files} done by an earlier run)"
+            if result.processed_files < result.files
+            else ""
+        )
+    )
+    if result.failed:
+        print(
+            f"encodec-jax tokenize: {result.failed} of {result.files} files failed; see "
+            f"{result.errors_path}",
+            file=sys.stderr,
+        )
+        return EXIT_SOME_FAILED
+    return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -34,10 +277,88 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="encodec-jax", description="EnCodec neural audio codec in JAX."
-    )
+    parser = _Parser(prog="encodec-jax", description="EnCodec neural audio codec in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    encode = commands.add_parser(
+        "encode",
+        help="encode audio files to codes (.npz, or .ecdc for the 24/48 kHz models)",
+        description="Encode audio files (any format libsndfile reads; resampled and "
+        "channel-converted to the model's) to codes. One input: OUT is the codes file, .npz or "
+        ".ecdc by its extension. Several inputs: OUT is a directory that receives <stem>.npz "
+        "(or <stem>.ecdc with --format ecdc). .ecdc is the encodec package's format and holds "
+        "only codes of encodec_24khz / encodec_48khz.",
+    )
+    encode.add_argument("inputs", nargs="+", metavar="IN", help="audio file(s)")
+    encode.add_argument("-o", "--output", required=True, metavar="OUT", help="file or directory")
+    encode.add_argument("--format", choices=["npz", "ecdc"], default=None, help="codes format")
+    _add_model_options(encode)
+    encode.set_defaults(run=_encode)
+
+    decode = commands.add_parser(
+        "decode",
+        help="decode a codes file back to audio",
+        description="Decode a codes file (.npz or .ecdc) to audio at the model's sampling rate "
+        "and the encoded length. The model must be the one that made the codes: by default "
+        "the one the .npz file names; for .ecdc files --model is required and must have the "
+        "architecture the file names (encodec_24khz or encodec_48khz).",
+    )
+    decode.add_argument("codes", metavar="CODES", help="codes file (.npz or .ecdc)")
+    decode.add_argument("-o", "--output", required=True, metavar="OUT", help=".wav, .flac, .ogg")
+    _add_model_options(decode, bandwidth=False, default="the model the .npz names")
+    decode.set_defaults(run=_decode)
+
+    reconstruct = commands.add_parser(
+        "reconstruct",
+        help="encode and decode an audio file",
+        description="Encode an audio file and decode it again (at the model's sampling rate).",
+    )
+    reconstruct.add_argument("input", metavar="IN", help="audio file")
+    reconstruct.add_argument("-o", "--output", required=True, metavar="OUT", help="audio file")
+    _add_model_options(reconstruct)
+    reconstruct.set_defaults(run=_reconstruct)
+
+    tokenize = commands.add_parser(
+        "tokenize",
+        help="encode a directory of audio into Parquet shards (resumable)",
+        description="Encode every audio file under IN_DIR (recursively, in sorted order) into "
+        "Parquet shards OUT_DIR/shard-NNNNN.parquet, one row per file: path, codes [chunks, "
+        "n_q, frames], chunk_frames, audio_scales, sample_rate, num_samples, bandwidth, model. "
+        "Files that fail are listed in OUT_DIR/errors.jsonl and the exit status is 3. Run the "
+        "same command again to resume an interrupted run.",
+    )
+    tokenize.add_argument("input_dir", metavar="IN_DIR", help="directory of audio files")
+    tokenize.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="directory")
+    tokenize.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="items per compiled call (8)"
+    )
+    tokenize.add_argument(
+        "--shard-size", type=_positive_int, default=1000, help="files per shard (1000)"
+    )
+    tokenize.add_argument(
+        "--buckets",
+        type=_positive_float,
+        nargs="+",
+        default=None,
+        metavar="SECONDS",
+        help="padded lengths in seconds (default: 1, 2, 4, ... 256)",
+    )
+    tokenize.add_argument(
+        "--exact",
+        action="store_true",
+        help="no padding: codes equal encoding each file alone (one program per length)",
+    )
+    tokenize.add_argument(
+        "--workers", type=_positive_int, default=None, help="threads reading audio (min(8, CPUs))"
+    )
+    tokenize.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize(); each process takes its share of the files",
+    )
+    tokenize.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_options(tokenize)
+    tokenize.set_defaults(run=_tokenize)
 
     convert = commands.add_parser(
         "convert",
@@ -66,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_hub_logging()
     try:
         return args.run(args)
     except KeyboardInterrupt:
@@ -74,9 +396,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # every failure is one line for the user, never a traceback
         if os.environ.get("ENCODEC_JAX_TRACEBACK"):
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = _first_line(err)
         print(f"encodec-jax {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+def _quiet_hub_logging() -> None:
+    """huggingface_hub logs every retry of an unreachable Hub as a warning; a failure is
+    reported once, as the command's one-line error, instead."""
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError:
+        return
+    hub_logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ frames plus a little noise, which makes codes vary and near-ties as common as in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -64,14 +65,28 @@ def codebook_pool(config: EncodecConfig, encoder, seed: int) -> torch.Tensor:
     return emb.permute(0, 2, 1).reshape(-1, emb.shape[1])
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """Building reference models is many small LSTM steps, which two torch threads fighting
+    XLA's over two cores make 5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def make_hf_model(config: EncodecConfig, seed: int = 0):
     """transformers' EncodecModel for `config`: random weights, filled codebooks, eval mode."""
     import transformers
 
-    torch.manual_seed(seed)
-    model = transformers.EncodecModel(transformers.EncodecConfig(**config.to_hf_config())).eval()
-    embeds = [layer.codebook.embed for layer in model.quantizer.layers]
-    fill_codebooks(embeds, codebook_pool(config, model.encoder, seed), seed)
+    with one_torch_thread():
+        torch.manual_seed(seed)
+        hf_config = transformers.EncodecConfig(**config.to_hf_config())
+        model = transformers.EncodecModel(hf_config).eval()
+        embeds = [layer.codebook.embed for layer in model.quantizer.layers]
+        fill_codebooks(embeds, codebook_pool(config, model.encoder, seed), seed)
     return model
 
 
@@ -116,14 +131,21 @@ def import_encodec():
 
 def make_original_model(sample_rate: int, seed: int = 0):
     """The `encodec` package's 24 or 48 kHz model (pretrained=False) with filled codebooks."""
+    from encodec_jax import ENCODEC_24KHZ, ENCODEC_48KHZ
+
     encodec = import_encodec()
-    torch.manual_seed(seed)
-    if sample_rate == 24_000:
-        model = encodec.EncodecModel.encodec_model_24khz(pretrained=False)
-        from encodec_jax import ENCODEC_24KHZ as config
-    else:
-        model = encodec.EncodecModel.encodec_model_48khz(pretrained=False)
-        from encodec_jax import ENCODEC_48KHZ as config
-    embeds = [layer._codebook.embed for layer in model.quantizer.vq.layers]
-    fill_codebooks(embeds, codebook_pool(config, model.encoder, seed), seed)
+    with one_torch_thread():
+        torch.manual_seed(seed)
+        if sample_rate == 24_000:
+            model, config = (
+                encodec.EncodecModel.encodec_model_24khz(pretrained=False),
+                ENCODEC_24KHZ,
+            )
+        else:
+            model, config = (
+                encodec.EncodecModel.encodec_model_48khz(pretrained=False),
+                ENCODEC_48KHZ,
+            )
+        embeds = [layer._codebook.embed for layer in model.quantizer.vq.layers]
+        fill_codebooks(embeds, codebook_pool(config, model.encoder, seed), seed)
     return model.eval()

@@ -52,7 +52,7 @@ from .batching_worker import (
     TINY_CONFIG,
     make_items,
 )
-from .reference import make_hf_model, save_hf_model, test_audio
+from .reference import make_hf_model, one_torch_thread, save_hf_model, test_audio
 from .test_parity import load_pair
 
 WORKER = Path(__file__).with_name("batching_worker.py")
@@ -120,18 +120,6 @@ def free_port() -> int:
 
 
 # ---- the tiny model shared by the sharding, distributed, compile and cache tests ----
-@contextlib.contextmanager
-def one_torch_thread():
-    """Build reference models with one torch thread: on a busy machine with few cores, torch's
-    thread pool makes the small LSTM steps of the codebook filling up to 250x slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class Tiny:

@@ -1,0 +1,147 @@
+"""Audio files in and out: any format libsndfile reads, resampled and channel-converted to what
+the model takes, with a human-readable note for every conversion made."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from .atomic import atomic_write
+
+# Extensions `tokenize` treats as audio when it walks a directory (lower case). Formats outside
+# this list still load when named explicitly, as long as libsndfile reads them.
+AUDIO_EXTENSIONS = frozenset(
+    ".wav .wave .flac .ogg .oga .opus .mp3 .aiff .aif .aifc .au .snd .caf .w64 .rf64".split()
+)
+
+# libsndfile format names for the extensions whose upper-cased spelling is not one.
+_WRITE_FORMATS = {".wave": "WAV", ".aif": "AIFF", ".aifc": "AIFF", ".oga": "OGG", ".snd": "AU"}
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be read or written; the message names the file."""
+
+
+def audio_info(path: str | os.PathLike) -> tuple[int, int]:
+    """(frames, sample rate) of an audio file from its header, without decoding it.
+
+    Raises:
+        AudioError: if the file is missing or not audio libsndfile reads.
+    """
+    _check_exists(path)
+    try:
+        info = sf.info(os.fspath(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
+        raise AudioError(f"cannot read audio file {path}: {_reason(err)}") from None
+    return int(info.frames), int(info.samplerate)
+
+
+def load_audio(
+    path: str | os.PathLike, sample_rate: int, channels: int
+) -> tuple[np.ndarray, list[str]]:
+    """Read an audio file as the model takes it.
+
+    Stereo (or more) is mixed down to mono by averaging, mono is duplicated for stereo models,
+    and files with more channels than a stereo model takes keep their first two (as the
+    `encodec` package's `convert_audio` does). Resampling uses soxr at high quality.
+
+    Args:
+        path: any file libsndfile reads (wav, flac, ogg/vorbis/opus, mp3, aiff, ...).
+        sample_rate: the model's sampling rate in Hz.
+        channels: the model's channel count (1 or 2).
+
+    Returns:
+        (audio `[channels, samples]` float32, notes): one note per conversion, e.g.
+        "resampled 44100 -> 24000 Hz", "mixed 2 channels down to mono".
+
+    Raises:
+        AudioError: a missing, unreadable, corrupt or empty file, or one holding NaN/Inf.
+    """
+    _check_exists(path)
+    try:
+        data, rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
+        raise AudioError(f"cannot read audio file {path}: {_reason(err)}") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"audio file {path} holds no samples")
+    if not np.isfinite(data).all():
+        raise AudioError(f"audio file {path} holds NaN or Inf samples")
+    notes: list[str] = []
+    source_channels = data.shape[1]
+    # Mix down before resampling and duplicate after it: both are linear, so the order does not
+    # change the result, and this way soxr processes as few channels as possible.
+    if channels == 1 and source_channels > 1:
+        data = data.mean(axis=1, keepdims=True, dtype=np.float32)
+        notes.append(f"mixed {source_channels} channels down to mono")
+    elif channels < source_channels:
+        data = data[:, :channels]
+        notes.append(f"kept the first {channels} of {source_channels} channels")
+    if rate != sample_rate:
+        data = soxr.resample(data, rate, sample_rate, quality="HQ")
+        notes.append(f"resampled {rate} -> {sample_rate} Hz")
+        if data.shape[0] == 0:
+            raise AudioError(f"audio file {path} is too short to resample to {sample_rate} Hz")
+    if channels > data.shape[1]:
+        data = np.repeat(data, channels, axis=1)
+        notes.append(f"duplicated mono to {channels} channels")
+    return np.ascontiguousarray(data.T, dtype=np.float32), notes
+
+
+def check_writable_format(path: str | os.PathLike) -> str:
+    """The libsndfile format for `path`'s extension (e.g. "WAV").
+
+    Raises:
+        AudioError: for an extension libsndfile cannot write.
+    """
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    fmt = _WRITE_FORMATS.get(ext, ext[1:].upper())
+    if not ext or fmt not in sf.available_formats():
+        raise AudioError(
+            f"cannot write audio to {path}: unknown audio format {ext or '(no extension)'!r} "
+            f"(use .wav, .flac or .ogg)"
+        )
+    return fmt
+
+
+def save_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> None:
+    """Write `[channels, samples]` float audio to `path`, in the format its extension names.
+
+    WAV is written as 16-bit PCM (libsndfile's default for the format; samples beyond [-1, 1]
+    are clipped). The file appears complete or not at all.
+
+    Args:
+        path: output file (.wav, .flac, .ogg, ...).
+        audio: `[channels, samples]` (or `[samples]`) float array.
+        sample_rate: in Hz.
+
+    Raises:
+        AudioError: for an extension libsndfile cannot write.
+    """
+    fmt = check_writable_format(path)
+    data = np.asarray(audio, dtype=np.float32)
+    data = data[None] if data.ndim == 1 else data
+    with atomic_write(path) as f:
+        sf.write(f, data.T, sample_rate, format=fmt)
+
+
+def _check_exists(path: str | os.PathLike) -> None:
+    if os.path.isdir(path):
+        raise AudioError(f"cannot read audio file {path}: it is a directory")
+    if not os.path.exists(path):
+        raise AudioError(f"cannot read audio file {path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise AudioError(f"cannot read audio file {path}: the file is empty (0 bytes)")
+
+
+def _reason(err: Exception) -> str:
+    # libsndfile's messages start with the file name (which we already give) and may span
+    # several lines; keep the first line of what it says about the content.
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    for sep in (": ", "\n"):
+        head, _, tail = text.partition(sep)
+        if tail and head.startswith(("Error opening", "<")):
+            return tail
+    return text
