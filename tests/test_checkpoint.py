@@ -49,14 +49,7 @@ def test_config_has_several_quantizers():
 
 
 # ---- shared fixtures ----
-@pytest.fixture(scope="module", autouse=True)
-def torch_single_thread():
-    """The tiny reference runs fastest on one thread: torch's OpenMP workers, spinning beside
-    XLA's, make each of its LSTM calls take up to a second on a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from encodec_jax import EncodecConfig, EncodecModel
 
@@ -50,14 +49,7 @@ NORM_AUDIO = test_audio(BATCH, 2, NORM_LENGTH, seed=6)
 AUDIO = {"plain": PLAIN_AUDIO, "norm": NORM_AUDIO}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_single_thread():
-    """The tiny reference runs fastest on one thread: torch's OpenMP workers, spinning beside
-    XLA's, make each of its LSTM calls take up to a second on a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 @pytest.fixture(scope="module")
