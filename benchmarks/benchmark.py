@@ -103,14 +103,24 @@ def peak_memory(impl: str, name: str, batch: int, seconds: float, directory: str
     """Peak resident memory (GiB) of one encode + decode in a fresh child process."""
     here = str(Path(__file__).parent)
     code = (
-        f"import sys, resource; sys.path.insert(0, {here!r}); import benchmark as b; "
+        f"import sys; sys.path.insert(0, {here!r}); import benchmark as b; "
         f"b._memory_child({impl!r}, {name!r}, {batch}, {seconds!r}, {directory!r}); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(b.peak_rss_kib())"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     return int(out.strip().splitlines()[-1]) / 2**20
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory. Read from /proc (VmHWM) rather than getrusage:
+    Linux keeps ru_maxrss across exec, so a child would report its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _memory_child(impl: str, name: str, batch: int, seconds: float, directory: str) -> None:
@@ -186,11 +196,26 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only the peak memory of each implementation"
+    )
     args = parser.parse_args()
 
     import jax
     import torch
 
+    if args.memory_only:
+        for name in args.models:
+            with tempfile.TemporaryDirectory() as tmp:
+                build_pair(name, Path(tmp))
+                jax_gib = peak_memory("jax", name, args.batch, args.seconds, tmp)
+                torch_gib = peak_memory("torch", name, args.batch, args.seconds, tmp)
+            print(
+                f"{name} {args.batch} x {args.seconds:g} s: peak memory encodec-jax "
+                f"{jax_gib:.2f} GiB, transformers {torch_gib:.2f} GiB",
+                flush=True,
+            )
+        return
     rate = matmul_rate()
     device = jax.devices()[0]
     print(
