@@ -48,10 +48,11 @@ def default_buckets(config: EncodecConfig) -> tuple[int, ...]:
     Longer items get a bucket of their own length rounded up to a multiple of the largest one,
     so the number of programs grows with the log of the length range only.
     """
-    return tuple(_round_bucket(config, config.sampling_rate * 2**i) for i in range(9))
+    return tuple(round_bucket(config, config.sampling_rate * 2**i) for i in range(9))
 
 
-def _round_bucket(config: EncodecConfig, length: int) -> int:
+def round_bucket(config: EncodecConfig, length: int) -> int:
+    """`length` rounded up to whole frames (whole chunk strides for chunked models)."""
     if config.chunk_length is not None:
         # whole chunk strides, so that no item of the bucket has a short trailing chunk of
         # its own that the padded batch would not have.
@@ -194,12 +195,17 @@ class BatchCodec:
         return results  # type: ignore[return-value]
 
     # ---- helpers ----
+    def padded_length(self, length: int) -> int:
+        """The length an item of `length` samples is run at: its bucket (its own when exact)."""
+        if self.exact:
+            return length
+        return bucket_for(round_bucket(self.config, length), self.buckets)
+
     def _batches(self, lengths: Sequence[int]) -> Iterator[tuple[int, list[int]]]:
         """(padded length, item indices) for each compiled call, at most batch_size items."""
         groups: dict[int, list[int]] = {}
         for i, n in enumerate(lengths):
-            key = n if self.exact else bucket_for(_round_bucket(self.config, n), self.buckets)
-            groups.setdefault(key, []).append(i)
+            groups.setdefault(self.padded_length(n), []).append(i)
         for length in sorted(groups):
             indices = groups[length]
             for start in range(0, len(indices), self.batch_size):

@@ -45,7 +45,7 @@ import numpy as np
 
 from .atomic import TEMP_SUFFIX, atomic_write, temp_prefix
 from .audio import AUDIO_EXTENSIONS, audio_info, load_audio
-from .batching import BatchCodec, EncodedItem, _round_bucket, bucket_for, process_share
+from .batching import BatchCodec, EncodedItem, process_share, round_bucket
 from .model import EncodecModel
 
 MANIFEST_FORMAT = "encodec-jax-tokenize"
@@ -160,7 +160,7 @@ def tokenize_directory(
     if not everything:
         raise TokenizeError(f"no audio files under {in_dir} (looked for {_extensions()})")
     if buckets is not None:
-        buckets = sorted({_round_bucket(config, int(b)) for b in buckets})
+        buckets = sorted({round_bucket(config, int(b)) for b in buckets})
     codec = BatchCodec(
         model, bandwidth=bandwidth, batch_size=batch_size, buckets=buckets, exact=exact
     )
@@ -305,9 +305,7 @@ class _Planner:
             def key(entry, config=config):
                 i, (frames, rate) = entry
                 length = max(1, round(frames * config.sampling_rate / rate))
-                if self.codec.exact:
-                    return length, i
-                return bucket_for(_round_bucket(config, length), self.codec.buckets), i
+                return self.codec.padded_length(length), i
 
             ordered = [i for i, _ in sorted(good, key=key)]
             for b in range(0, len(ordered), self.block_size):
