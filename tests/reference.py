@@ -19,6 +19,17 @@ import torch
 
 from encodec_jax import EncodecConfig
 
+# A tiny model for fast tests. hop 4 at 8 kHz: 2000 frames/s x 4 bits = 8 kbps per codebook,
+# so 1, 2 and 3 codebooks. Shared so that test modules using it compile its programs once.
+TINY_CONFIG = EncodecConfig(
+    num_filters=4,
+    hidden_size=8,
+    upsampling_ratios=(2, 2),
+    codebook_size=16,
+    target_bandwidths=(8.0, 16.0, 24.0),
+    sampling_rate=8000,
+)
+
 
 def test_audio(batch: int, channels: int, length: int, seed: int) -> np.ndarray:
     """`[batch, channels, length]` float32: a few sines plus noise, peak around 0.5."""

@@ -25,17 +25,9 @@ from encodec_jax import EncodecConfig, EncodecModel
 from encodec_jax.checkpoint import rename_hf_key, state_dict_from_model
 from encodec_jax.feature_extraction import EncodecFeatureExtractor
 
-from .reference import make_hf_model, save_hf_model, test_audio
+from .reference import TINY_CONFIG, make_hf_model, save_hf_model, test_audio
 
-# hop 4 at 8 kHz: 2000 frames/s x 4 bits = 8 kbps per codebook, so 1, 2 and 3 codebooks.
-CONFIG = EncodecConfig(
-    num_filters=4,
-    hidden_size=8,
-    upsampling_ratios=(2, 2),
-    codebook_size=16,
-    target_bandwidths=(8.0, 16.0, 24.0),
-    sampling_rate=8000,
-)
+CONFIG = TINY_CONFIG
 REPO_ID = "acme/encodec-tiny"
 BIN_REPO_ID = "acme/encodec-tiny-bin"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -15,18 +15,9 @@ import pytest
 
 from encodec_jax import EncodecConfig, EncodecModel
 
-from .reference import make_hf_model, save_hf_model, test_audio
+from .reference import TINY_CONFIG, make_hf_model, save_hf_model, test_audio
 
-# hop 4 at 8 kHz: 2000 frames/s x 4 bits = 8 kbps per codebook. The same config and shapes as in
-# test_checkpoint.py, so that a run of both compiles the plain model's programs once.
-PLAIN = EncodecConfig(
-    num_filters=4,
-    hidden_size=8,
-    upsampling_ratios=(2, 2),
-    codebook_size=16,
-    target_bandwidths=(8.0, 16.0, 24.0),
-    sampling_rate=8000,
-)
+PLAIN = TINY_CONFIG
 # Chunks of 80 samples (20 frames) without overlap, so 240 samples make 3 equal chunks: one
 # compiled shape instead of two (a short last chunk is covered by test_parity.py).
 NORM = EncodecConfig(
