@@ -1,4 +1,5 @@
-"""Long inputs run their conv stacks in time tiles: the result must not change."""
+"""Long inputs run their conv stacks in time tiles, and chunked models their chunks in groups:
+the result must not change."""
 
 from __future__ import annotations
 
@@ -11,8 +12,23 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from encodec_jax import ENCODEC_24KHZ, ENCODEC_32KHZ, EncodecConfig, EncodecModel, tiling
+from encodec_jax import ENCODEC_24KHZ, ENCODEC_32KHZ, EncodecConfig, EncodecModel, model, tiling
 from encodec_jax.model import _decode, _decode_embeddings, _embed, _embed_chunks
+
+# 48 kHz's layout in miniature: stereo, normalised, time_group_norm, overlapping chunks.
+CHUNKED_CONFIG = EncodecConfig(
+    num_filters=4,
+    hidden_size=8,
+    upsampling_ratios=(2, 2),
+    codebook_size=16,
+    target_bandwidths=(8.0, 16.0),
+    sampling_rate=8000,
+    audio_channels=2,
+    normalize=True,
+    norm_type="time_group_norm",
+    chunk_length_s=0.01,
+    overlap=0.25,
+)
 
 
 def tiled_and_untiled(config: EncodecConfig, length: int, tile_frames: int = 7):
@@ -55,6 +71,49 @@ def test_tiles_match_other_architectures_to_float_rounding():
     (emb, audio), (tiled_emb, tiled_audio) = tiled_and_untiled(config, config.hop_length * 40 + 7)
     np.testing.assert_allclose(np.asarray(tiled_emb), np.asarray(emb), rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.asarray(tiled_audio), np.asarray(audio), rtol=0, atol=1e-6)
+
+
+def encode_decode_recording_rows(monkeypatch, codec: EncodecModel, x: np.ndarray):
+    """encode + decode of x, and the rows (chunks x batch) of every compiled call they made."""
+    rows = {"encode": [], "decode": []}
+    embed, decode = model._embed, model._decode
+
+    def recording_embed(m, chunks, mask):
+        rows["encode"].append(chunks.shape[0])
+        return embed(m, chunks, mask)
+
+    def recording_decode(m, embeddings, scales):
+        rows["decode"].append(embeddings.shape[0])
+        return decode(m, embeddings, scales)
+
+    monkeypatch.setattr(model, "_embed", recording_embed)
+    monkeypatch.setattr(model, "_decode", recording_decode)
+    enc = codec.encode(x, bandwidth=16.0)
+    audio = codec.decode(enc.audio_codes, enc.audio_scales, chunk_frames=enc.chunk_frames)
+    return enc, np.asarray(audio.audio_values), rows
+
+
+@pytest.mark.parametrize("max_rows", [7, 1])
+def test_chunk_groups_bound_rows_per_call_and_keep_the_result(monkeypatch, max_rows):
+    """A long input of a chunked model runs its chunks a few at a time (memory bounded by
+    `chunk_rows_per_call`, at least one chunk position of the batch per call): codes and scales
+    are identical to all chunks at once, audio equal to float32 rounding."""
+    codec = EncodecModel(CHUNKED_CONFIG, rngs=nnx.Rngs(0))
+    x = 0.1 * np.random.default_rng(3).standard_normal((3, 2, 1013)).astype(np.float32)
+    codec.chunk_rows_per_call = None
+    ref_enc, ref_audio, ref_rows = encode_decode_recording_rows(monkeypatch, codec, x)
+    monkeypatch.undo()
+    codec.chunk_rows_per_call = max_rows
+    enc, audio, rows = encode_decode_recording_rows(monkeypatch, codec, x)
+
+    n_chunks = enc.audio_codes.shape[0]
+    assert n_chunks == 17 and ref_rows == {"encode": [48, 3], "decode": [48, 3]}
+    per_call = 3 * max(1, max_rows // 3)  # 6 rows for 7, one chunk position (3 rows) for 1
+    for calls in rows.values():
+        assert max(calls) == per_call and sum(calls) == 3 * n_chunks
+    np.testing.assert_array_equal(np.asarray(enc.audio_codes), np.asarray(ref_enc.audio_codes))
+    np.testing.assert_array_equal(np.stack(enc.audio_scales), np.stack(ref_enc.audio_scales))
+    np.testing.assert_allclose(audio, ref_audio, rtol=0, atol=1e-6)
 
 
 def test_plan_covers_every_frame_once():
