@@ -242,6 +242,25 @@ def test_conv_transpose1d_matches_torch(length, kernel, stride):
     )
 
 
+@pytest.mark.parametrize("kernel,stride,c_out", [(8, 4, 64), (4, 2, 128), (16, 8, 32)])
+def test_wide_conv_transpose1d_stacks_its_blocks_and_matches_torch(kernel, stride, c_out):
+    """Blocks 256 wide (stride * Cout) take the stacked-input matmul; narrower ones (above) the
+    per-block sum. Both forms agree, and with torch."""
+    assert stride * c_out >= ops._STACKED_TRANSPOSE_MIN_WIDTH
+    rng = _rng(kernel)
+    x, w, b = _randn(rng, 2, 4, 9), _randn(rng, 4, c_out, kernel), _randn(rng, c_out)
+    expected = F.conv_transpose1d(*map(torch.from_numpy, (x, w, b)), stride=stride).numpy()
+    x_ = jnp.asarray(x.transpose(0, 2, 1))
+    got = np.asarray(conv_transpose1d(x_, jnp.asarray(w), jnp.asarray(b), stride))
+    # float32 sums of 4 * 2 products: rtol 1e-6 / atol 1e-6, as above.
+    np.testing.assert_allclose(got.transpose(0, 2, 1), expected, rtol=1e-6, atol=1e-6)
+    blocks = jnp.asarray(w.reshape(4, c_out, 2, stride).transpose(2, 0, 3, 1))
+    blocks = blocks.reshape(2, 4, stride * c_out)
+    stacked = ops.transpose_blocks_stacked(x_, blocks)
+    summed = ops.transpose_blocks_summed(x_, blocks)
+    np.testing.assert_allclose(np.asarray(stacked), np.asarray(summed), rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------- group_norm
 
 
