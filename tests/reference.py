@@ -8,6 +8,7 @@ frames plus a little noise, which makes codes vary and near-ties as common as in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -28,6 +29,15 @@ TINY_CONFIG = EncodecConfig(
     codebook_size=16,
     target_bandwidths=(8.0, 16.0, 24.0),
     sampling_rate=8000,
+)
+# The 48 kHz layout in miniature: stereo, normalised, chunks of 80 samples (20 frames).
+TINY_CHUNKED_CONFIG = dataclasses.replace(
+    TINY_CONFIG,
+    target_bandwidths=(8.0, 16.0),
+    audio_channels=2,
+    normalize=True,
+    chunk_length_s=0.01,
+    overlap=0.0,
 )
 
 

@@ -13,25 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from encodec_jax import EncodecConfig, EncodecModel
+from encodec_jax import EncodecModel
 
-from .reference import TINY_CONFIG, make_hf_model, save_hf_model, test_audio
+from .reference import TINY_CHUNKED_CONFIG, TINY_CONFIG, make_hf_model, save_hf_model, test_audio
 
 PLAIN = TINY_CONFIG
-# Chunks of 80 samples (20 frames) without overlap, so 240 samples make 3 equal chunks: one
-# compiled shape instead of two (a short last chunk is covered by test_parity.py).
-NORM = EncodecConfig(
-    num_filters=4,
-    hidden_size=8,
-    upsampling_ratios=(2, 2),
-    codebook_size=16,
-    target_bandwidths=(8.0, 16.0),
-    sampling_rate=8000,
-    audio_channels=2,
-    normalize=True,
-    chunk_length_s=0.01,
-    overlap=0.0,
-)
+# Chunks without overlap, so 240 samples make 3 equal chunks: one compiled shape instead of two
+# (a short last chunk is covered by test_parity.py).
+NORM = TINY_CHUNKED_CONFIG
 BATCH, LENGTH, NORM_LENGTH = 2, 260, 240
 # each model encodes at one bandwidth throughout, so its quantizer compiles once
 BANDWIDTH = {"plain": 24.0, "norm": 8.0}

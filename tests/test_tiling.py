@@ -3,6 +3,7 @@ the result must not change."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -12,23 +13,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from encodec_jax import ENCODEC_24KHZ, ENCODEC_32KHZ, EncodecConfig, EncodecModel, model, tiling
+from encodec_jax import ENCODEC_24KHZ, ENCODEC_32KHZ, EncodecConfig, EncodecModel, tiling
+from encodec_jax import model as model_module
 from encodec_jax.model import _decode, _decode_embeddings, _embed, _embed_chunks
 
-# 48 kHz's layout in miniature: stereo, normalised, time_group_norm, overlapping chunks.
-CHUNKED_CONFIG = EncodecConfig(
-    num_filters=4,
-    hidden_size=8,
-    upsampling_ratios=(2, 2),
-    codebook_size=16,
-    target_bandwidths=(8.0, 16.0),
-    sampling_rate=8000,
-    audio_channels=2,
-    normalize=True,
-    norm_type="time_group_norm",
-    chunk_length_s=0.01,
-    overlap=0.25,
-)
+from .reference import TINY_CHUNKED_CONFIG
+
+# With 48 kHz's overlapping chunks and time_group_norm too.
+CHUNKED_CONFIG = dataclasses.replace(TINY_CHUNKED_CONFIG, overlap=0.25, norm_type="time_group_norm")
 
 
 def tiled_and_untiled(config: EncodecConfig, length: int, tile_frames: int = 7):
@@ -76,7 +68,7 @@ def test_tiles_match_other_architectures_to_float_rounding():
 def encode_decode_recording_rows(monkeypatch, codec: EncodecModel, x: np.ndarray):
     """encode + decode of x, and the rows (chunks x batch) of every compiled call they made."""
     rows = {"encode": [], "decode": []}
-    embed, decode = model._embed, model._decode
+    embed, decode = model_module._embed, model_module._decode
 
     def recording_embed(m, chunks, mask):
         rows["encode"].append(chunks.shape[0])
@@ -86,8 +78,8 @@ def encode_decode_recording_rows(monkeypatch, codec: EncodecModel, x: np.ndarray
         rows["decode"].append(embeddings.shape[0])
         return decode(m, embeddings, scales)
 
-    monkeypatch.setattr(model, "_embed", recording_embed)
-    monkeypatch.setattr(model, "_decode", recording_decode)
+    monkeypatch.setattr(model_module, "_embed", recording_embed)
+    monkeypatch.setattr(model_module, "_decode", recording_decode)
     enc = codec.encode(x, bandwidth=16.0)
     audio = codec.decode(enc.audio_codes, enc.audio_scales, chunk_frames=enc.chunk_frames)
     return enc, np.asarray(audio.audio_values), rows
