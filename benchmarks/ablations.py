@@ -66,11 +66,8 @@ def transpose_forced(form):
     """ops.conv_transpose1d with its block sum forced to one form, whatever the shape."""
 
     def conv(x, weight, bias, stride):
-        c_in, c_out, kernel = weight.shape
-        blocks = kernel // stride
-        w = weight.reshape(c_in, c_out, blocks, stride).transpose(2, 0, 3, 1)
-        w = w.reshape(blocks, c_in, stride * c_out)
-        return form(x, w).reshape(x.shape[0], -1, c_out) + bias
+        out = form(x, ops.transpose_weight_blocks(weight, stride))
+        return out.reshape(x.shape[0], -1, weight.shape[1]) + bias
 
     return conv
 

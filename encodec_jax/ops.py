@@ -109,7 +109,7 @@ def conv_transpose1d(x: jax.Array, weight: jax.Array, bias: jax.Array, stride: i
     always uses kernel = 2 * stride) it runs as matmuls over kernel blocks, which skips the
     multiplications by inserted zeros that a dilated convolution would do.
     """
-    c_in, c_out, kernel = weight.shape
+    _, c_out, kernel = weight.shape
     if kernel % stride:
         flipped = jnp.flip(weight, axis=2).transpose(1, 0, 2)  # [Cout, Cin, K]
         y = lax.conv_general_dilated(
@@ -121,16 +121,20 @@ def conv_transpose1d(x: jax.Array, weight: jax.Array, bias: jax.Array, stride: i
             dimension_numbers=_CONV_DIMS,
         )
         return y + bias
-    # Output block t (samples [t * stride, (t + 1) * stride)) is the sum over kernel blocks k of
-    # x[t - k] times block k of the weight, `w[k]`: [Cin, stride * Cout].
-    blocks = kernel // stride
-    w = weight.reshape(c_in, c_out, blocks, stride).transpose(2, 0, 3, 1)
-    w = w.reshape(blocks, c_in, stride * c_out)
+    w = transpose_weight_blocks(weight, stride)
     if stride * c_out >= _STACKED_TRANSPOSE_MIN_WIDTH:
         out = transpose_blocks_stacked(x, w)
     else:
         out = transpose_blocks_summed(x, w)
     return out.reshape(x.shape[0], -1, c_out) + bias
+
+
+def transpose_weight_blocks(weight: jax.Array, stride: int) -> jax.Array:
+    """`[Cin, Cout, K]` -> `[K // stride, Cin, stride * Cout]`. Output block t (samples
+    `[t * stride, (t + 1) * stride)`) is the sum over blocks k of `x[t - k] @ w[k]`."""
+    c_in, c_out, kernel = weight.shape
+    w = weight.reshape(c_in, c_out, kernel // stride, stride).transpose(2, 0, 3, 1)
+    return w.reshape(kernel // stride, c_in, stride * c_out)
 
 
 # Measured on the CPU (benchmarks/ablations.py, 8 x 10 s): stacking the shifted inputs is as

@@ -254,8 +254,7 @@ def test_wide_conv_transpose1d_stacks_its_blocks_and_matches_torch(kernel, strid
     got = np.asarray(conv_transpose1d(x_, jnp.asarray(w), jnp.asarray(b), stride))
     # float32 sums of 4 * 2 products: rtol 1e-6 / atol 1e-6, as above.
     np.testing.assert_allclose(got.transpose(0, 2, 1), expected, rtol=1e-6, atol=1e-6)
-    blocks = jnp.asarray(w.reshape(4, c_out, 2, stride).transpose(2, 0, 3, 1))
-    blocks = blocks.reshape(2, 4, stride * c_out)
+    blocks = ops.transpose_weight_blocks(jnp.asarray(w), stride)
     stacked = ops.transpose_blocks_stacked(x_, blocks)
     summed = ops.transpose_blocks_summed(x_, blocks)
     np.testing.assert_allclose(np.asarray(stacked), np.asarray(summed), rtol=1e-6, atol=1e-6)
