@@ -35,11 +35,7 @@ def lstm_projection_in_loop(x, w_ih, w_hh, b_ih, b_hh):
     hidden = w_hh.shape[1]
 
     def step(carry, xt):
-        h, c = carry
-        gates = xt @ w_ih.T + b_ih + h @ w_hh.T + b_hh
-        i, f, g, o = jnp.split(gates, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        h, c = ops.lstm_cell(xt @ w_ih.T + b_ih + carry[0] @ w_hh.T + b_hh, carry[1])
         return (h, c), h
 
     zeros = jnp.zeros((x.shape[0], hidden), x.dtype)

@@ -185,16 +185,19 @@ def lstm_layer(
     w_hh_t = w_hh.T
 
     def step(carry, gates_x):
-        h, c = carry
-        gates = gates_x + h @ w_hh_t
-        i, f, g, o = jnp.split(gates, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        h, c = lstm_cell(gates_x + carry[0] @ w_hh_t, carry[1])
         return (h, c), h
 
     zeros = jnp.zeros((x.shape[0], hidden), x.dtype)
     _, hs = lax.scan(step, (zeros, zeros), projected.swapaxes(0, 1))
     return hs.swapaxes(0, 1)
+
+
+def lstm_cell(gates: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One LSTM step from its summed gate pre-activations `[B, 4H]` (order i, f, g, o): (h, c)."""
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    return jax.nn.sigmoid(o) * jnp.tanh(c), c
 
 
 def nearest_code(x: jax.Array, embed: jax.Array) -> jax.Array:

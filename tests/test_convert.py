@@ -16,6 +16,7 @@ three chunks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -31,7 +32,7 @@ import yaml
 from safetensors.numpy import load_file
 
 import encodec_jax.convert as convert_module
-from encodec_jax import ENCODEC_24KHZ, ENCODEC_48KHZ, EncodecConfig, EncodecModel
+from encodec_jax import ENCODEC_24KHZ, ENCODEC_32KHZ, ENCODEC_48KHZ, EncodecConfig, EncodecModel
 from encodec_jax.checkpoint import rename_hf_key, state_dict_from_model
 from encodec_jax.cli import main
 from encodec_jax.convert import ConversionError, config_from_audiocraft_yaml, export_to_transformers
@@ -49,16 +50,7 @@ AUDIO_32K = (2, 1, 16_077, 23)  # test_audio(batch, channels, length, seed)
 # MusicGen's compression model as audiocraft configures it (default.yaml with
 # encodec_large_nq4_s640's overrides): constant padding and identity shortcuts, unlike
 # transformers' defaults.
-AUDIOCRAFT_CONFIG = EncodecConfig(
-    target_bandwidths=(2.2,),
-    sampling_rate=32_000,
-    num_filters=64,
-    upsampling_ratios=(8, 5, 4, 4),
-    use_causal_conv=False,
-    pad_mode="constant",
-    use_conv_shortcut=False,
-    codebook_size=2048,
-)
+AUDIOCRAFT_CONFIG = dataclasses.replace(ENCODEC_32KHZ, pad_mode="constant")
 
 # `OmegaConf.to_yaml(cfg)` of such an experiment, interpolations unresolved (audiocraft dumps it
 # that way into `xp.cfg`), with a few of the sections that have nothing to do with the model.
