@@ -12,3 +12,9 @@ python -m pip install -q -e ".[test]"
 # The original encodec package is a test reference; --no-deps keeps it from pulling torchaudio,
 # which does not load beside torch 2.13 (the tests stub it).
 python -m pip install -q --no-deps encodec==0.1.1
+# audiocraft 1.3.0 is the training reference; only its training files are imported (see
+# tests/audiocraft_reference.py), so none of its heavy dependencies are installed.
+python -m pip install -q --no-deps audiocraft==1.3.0
+# torchaudio's Python code (Spectrogram, MelSpectrogram) serves audiocraft's losses; its compiled
+# extension does not load beside torch 2.13, so it goes off sys.path, where the tests load it.
+python -m pip install -q --no-deps --upgrade --target .venv/reference/torchaudio torchaudio==2.11.0
