@@ -1,17 +1,19 @@
-"""Crash-safe file writes: content appears under its final name complete or not at all.
+"""Crash-safe writes: a file or a directory appears under its final name complete or not at all.
 
-Every output of the command line goes through `atomic_write`: the data is written to a hidden
+Every file encodec-jax writes goes through `atomic_write`: the data is written to a hidden
 temporary file next to the target, flushed to disk, then renamed over the target (a rename within
 one directory is atomic on POSIX file systems), so a reader, or a run resumed after a crash or a
-SIGKILL, never sees a half-written file.
+SIGKILL, never sees a half-written file. `atomic_directory` does the same for a directory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import IO
 
 TEMP_SUFFIX = ".tmp"
@@ -53,6 +55,32 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.unlink(tmp)
         raise
     fsync_directory(directory)
+
+
+def atomic_directory(
+    directory: str | os.PathLike, write: Callable[[Path], object], force: bool = False
+) -> None:
+    """Run `write(tmp_dir)` and move the result to `directory` only if it succeeded.
+
+    A failure leaves nothing behind; an existing `directory` is replaced only with `force`, and
+    then only after the new one is complete.
+
+    Raises:
+        FileExistsError: `directory` exists and `force` is false.
+    """
+    target = Path(directory)
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} exists; pass --force to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        write(staging / "out")
+        if target.exists():
+            os.replace(target, staging / "old")
+        os.replace(staging / "out", target)
+        fsync_directory(target.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def fsync_directory(directory: str | os.PathLike) -> None:

@@ -1,9 +1,11 @@
-"""Loading and saving EnCodec weights in the Hugging Face layout.
+"""Checkpoint tensors: reading them, renaming their keys, loading them into NNX modules, saving.
 
-A checkpoint is a flat dict of PyTorch-named tensors. Since the module tree mirrors transformers',
-the only renames are between the two ways PyTorch stores weight norm; anything missing,
-unexpected or mis-shaped is an error that names the tensors. The model is built abstractly
-(`nnx.eval_shape`), so loading never allocates random weights first.
+A checkpoint is a flat dict of PyTorch-named tensors. The module trees mirror PyTorch's, so a key
+is the path of the parameter here, up to one small pure rename per source (the two ways PyTorch
+stores weight norm; the `encodec` package's and audiocraft's extra nesting). Loading builds the
+module abstractly (`nnx.eval_shape`, no random weights allocated) and fills it; anything missing,
+unexpected or mis-shaped is an error that names the tensors. Nothing here knows the codec: the
+model (`EncodecModel.from_pretrained`) and the training discriminator load through the same code.
 """
 
 from __future__ import annotations
@@ -11,35 +13,46 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .config import EncodecConfig
-from .model import EncodecModel
+from .atomic import atomic_write
+from .hub import checkpoint_file
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 PYTORCH_NAME = "pytorch_model.bin"
+# Where the weights may be, in the order they are looked for.
+WEIGHTS_NAMES = (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_NAME)
 
-# Current PyTorch parametrizations name weight norm's magnitude and direction differently from
-# the legacy `weight_g`/`weight_v` that the Hub's files (and this package) use.
-_PARAMETRIZATION_NAMES = {
-    "parametrizations.weight.original0": "weight_g",
-    "parametrizations.weight.original1": "weight_v",
+# Weight norm's magnitude and direction: the legacy names (the Hub's files, the `encodec`
+# package, audiocraft, and this package) and the names of current PyTorch parametrizations,
+# which current transformers saves.
+WEIGHT_NORM_NAMES = {
+    "weight_g": "parametrizations.weight.original0",
+    "weight_v": "parametrizations.weight.original1",
 }
 
 
 def rename_hf_key(key: str) -> str:
     """transformers key -> encodec-jax key (identical up to the weight-norm spelling)."""
-    for old, new in _PARAMETRIZATION_NAMES.items():
-        if key.endswith(old):
-            return key[: -len(old)] + new
+    for legacy, parametrization in WEIGHT_NORM_NAMES.items():
+        if key.endswith("." + parametrization):
+            return key[: -len(parametrization)] + legacy
+    return key
+
+
+def to_parametrization_key(key: str) -> str:
+    """encodec-jax key -> the key current transformers (PyTorch parametrizations) saves."""
+    for legacy, parametrization in WEIGHT_NORM_NAMES.items():
+        if key.endswith("." + legacy):
+            return key[: -len(legacy)] + parametrization
     return key
 
 
@@ -65,17 +78,26 @@ def rename_original_key(key: str) -> str:
     return rename_hf_key(key)
 
 
-def model_from_state_dict(
-    config: EncodecConfig,
+M = TypeVar("M", bound=nnx.Module)
+
+
+def module_from_state_dict(
+    build: Callable[[], M],
     state_dict: Mapping[str, np.ndarray],
     rename: Callable[[str], str] = rename_hf_key,
-) -> EncodecModel:
-    """Build an `EncodecModel` for `config` holding exactly the tensors of `state_dict`.
+) -> M:
+    """The module `build()` makes, holding exactly the tensors of `state_dict`.
+
+    Args:
+        build: makes the module (with any initialisation: it is only traced, never run).
+        state_dict: PyTorch-named tensors.
+        rename: maps each checkpoint key to the module's path of that tensor (`a.b.0.weight`).
 
     Raises:
-        ValueError: naming every missing, unexpected and mis-shaped tensor.
+        ValueError: naming every missing, unexpected and mis-shaped tensor, and keys that two
+            spellings in the checkpoint both rename to.
     """
-    abstract = nnx.eval_shape(lambda: EncodecModel(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(build)
     graphdef, abstract_state = nnx.split(abstract)
     expected = {_key(path): (path, var) for path, var in nnx.to_flat_state(abstract_state)}
     renamed: dict[str, np.ndarray] = {}
@@ -109,7 +131,7 @@ def model_from_state_dict(
             hint = " (do the weights and the config describe the same model?)"
         raise ValueError("Checkpoint does not fit the config" + hint + ": " + "; ".join(problems))
     flat = [
-        (path, var.replace(jnp.asarray(renamed[key], jnp.float32)))
+        (path, var.replace(jnp.asarray(renamed[key], var.dtype)))
         for key, (path, var) in expected.items()
     ]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -123,9 +145,9 @@ def _listing(what: str, names: list[str], limit: int = 8) -> str:
     return f"{len(names)} tensors {what}: {shown}"
 
 
-def state_dict_from_model(model: EncodecModel) -> dict[str, np.ndarray]:
-    """The model's tensors under the Hub's names (weight norm as `weight_g`/`weight_v`)."""
-    state = nnx.state(model)
+def state_dict_from_module(module: nnx.Module) -> dict[str, np.ndarray]:
+    """The module's tensors under their PyTorch names (weight norm as `weight_g`/`weight_v`)."""
+    state = nnx.state(module)
     return {_key(path): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(state)}
 
 
@@ -202,95 +224,24 @@ def _tensors_to_numpy(obj, torch):
     return obj
 
 
-def save_pretrained(model: EncodecModel, directory: str | os.PathLike) -> None:
-    """Write config.json and model.safetensors as on the Hub; transformers loads the result.
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
+    """Write `tensors` as a safetensors file that transformers loads, complete or not at all."""
+    from safetensors.numpy import save
 
-    Each file is written to a temporary name and renamed, so a crash never leaves a half file.
-    """
-    from safetensors.numpy import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: np.ascontiguousarray(v) for k, v in state_dict_from_model(model).items()}
-    with _atomic_path(directory / SAFETENSORS_NAME) as tmp:
+    contiguous = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    with atomic_write(path) as f:
         # transformers refuses safetensors files without a "format" entry.
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    with _atomic_path(directory / CONFIG_NAME) as tmp:
-        model.config.to_json_file(tmp)
+        f.write(save(contiguous, metadata={"format": "pt"}))
 
 
-class _atomic_path:
-    """Context manager yielding a temporary path in the target's folder, renamed on success."""
+def resolve_pretrained(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> Path:
+    """A local directory holding config.json and the weights: the given directory, or the Hub
+    snapshot of a repo id (downloaded, or found in the cache when offline).
 
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self) -> str:
-        fd, self.tmp = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.")
-        os.close(fd)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.target)
-        else:
-            os.unlink(self.tmp)
-
-
-# ---- from_pretrained ----
-def resolve_pretrained(
-    path_or_repo_id: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-) -> Path:
-    """A local directory holding config.json and weights: the given directory, or the Hub
-    snapshot folder of a repo id (downloaded, or found in the cache when offline)."""
-    path = Path(path_or_repo_id)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"{path} is a file; from_pretrained takes a checkpoint directory")
-    repo_id = str(path_or_repo_id)
-    if not is_hub_id(repo_id):
-        raise FileNotFoundError(f"No such checkpoint directory: {repo_id}")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    def download(filename: str) -> Path:
-        return Path(
-            hf_hub_download(
-                repo_id,
-                filename,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                token=token,
-            )
-        )
-
-    config_path = download(CONFIG_NAME)
-    try:
-        download(SAFETENSORS_NAME)
-    except EntryNotFoundError:
-        download(PYTORCH_NAME)
-    return config_path.parent
-
-
-def is_hub_id(text: str) -> bool:
-    """`owner/name` that is not a local path: no such file, and `owner` is no local folder
-    (so a mistyped `checkpoints/model.th` is reported as missing, not looked up on the Hub)."""
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) is None or text.startswith("."):
-        return False
-    return not Path(text).exists() and not Path(text).parent.is_dir()
-
-
-def load_pretrained(path_or_repo_id: str | os.PathLike, **hub_kwargs) -> EncodecModel:
-    """`EncodecModel.from_pretrained`: config.json plus weights from a directory or the Hub."""
-    directory = resolve_pretrained(path_or_repo_id, **hub_kwargs)
-    if not (directory / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}")
-    config = EncodecConfig.from_json_file(directory / CONFIG_NAME)
-    return model_from_state_dict(config, read_state_dict(directory))
+    `hub_kwargs`: `revision`, `cache_dir`, `local_files_only`, `token` (see `hub.checkpoint_file`).
+    """
+    config_file = checkpoint_file(path_or_repo_id, [CONFIG_NAME], **hub_kwargs)
+    if not Path(path_or_repo_id).is_dir():
+        # A Hub snapshot: fetch the weights beside config.json.
+        checkpoint_file(path_or_repo_id, [SAFETENSORS_NAME, PYTORCH_NAME], **hub_kwargs)
+    return config_file.parent

@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from .atomic import atomic_write
+
 PAD_MODES = ("reflect", "constant", "replicate", "circular")
 NORM_TYPES = ("weight_norm", "time_group_norm")
 
@@ -210,7 +212,7 @@ class EncodecConfig:
         return cls.from_hf_config(data)
 
     def to_json_file(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as f:
+        with atomic_write(path, "w") as f:
             json.dump(self.to_hf_config(), f, indent=2, sort_keys=True)
             f.write("\n")
 

@@ -19,28 +19,16 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .checkpoint import (
-    CONFIG_NAME,
-    SAFETENSORS_NAME,
-    is_hub_id,
-    load_pretrained,
-    model_from_state_dict,
-    read_torch_state_dict,
-    rename_original_key,
-    state_dict_from_model,
-)
+from .atomic import atomic_directory
+from .checkpoint import read_torch_state_dict, rename_original_key
 from .config import ENCODEC_24KHZ, ENCODEC_32KHZ, ENCODEC_48KHZ, PRESETS, EncodecConfig
+from .hub import is_hub_id
 from .model import EncodecModel
 
-TARGETS = ("encodec-jax", "transformers")
 PRESET_ALIASES = {
     "24khz": ENCODEC_24KHZ,
     "32khz": ENCODEC_32KHZ,
@@ -75,7 +63,7 @@ def load_any(
             raise ConversionError("--preset/--config apply to .th files only")
         if not path.exists() and not is_hub_id(str(src)):
             raise FileNotFoundError(f"No such file or directory: {src}")
-        return load_pretrained(src, **hub_kwargs), "transformers"
+        return EncodecModel.from_pretrained(src, **hub_kwargs), "transformers"
     obj = read_torch_state_dict(path)
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path} holds a {type(obj).__name__}, not an EnCodec checkpoint")
@@ -85,14 +73,14 @@ def load_any(
         return _from_audiocraft(obj, path, **hub_kwargs), "audiocraft"
     if any(str(k).startswith("encoder.model.") for k in obj):
         config = override or _config_from_original_name(path)
-        return model_from_state_dict(config, obj, rename_original_key), "encodec"
+        return EncodecModel.from_state_dict(config, obj, rename_original_key), "encodec"
     if any(str(k).startswith("encoder.layers.") for k in obj):
         if override is None:
             raise ConversionError(
                 f"{path} is a transformers state dict without its config: give --config "
                 "config.json or --preset"
             )
-        return model_from_state_dict(override, obj), "transformers"
+        return EncodecModel.from_state_dict(override, obj), "transformers"
     if _ORIGINAL_LM_FILE.match(path.name) or any(str(k).startswith("transformer.") for k in obj):
         raise ConversionError(
             f"{path} is the encodec package's entropy-coding language model, not the codec"
@@ -134,7 +122,7 @@ def _from_audiocraft(pkg: Mapping[str, Any], path: Path, **hub_kwargs) -> Encode
                 f"{path} points at the pretrained model {name!r}; only EnCodec Hub models "
                 "(facebook/encodec_*) are supported"
             )
-        return load_pretrained(name, **hub_kwargs)
+        return EncodecModel.from_pretrained(name, **hub_kwargs)
     if "xp.cfg" not in pkg:
         raise ConversionError(f"{path} has best_state but no xp.cfg: its config is unknown")
     config = config_from_audiocraft_yaml(pkg["xp.cfg"])
@@ -145,7 +133,7 @@ def _from_audiocraft(pkg: Mapping[str, Any], path: Path, **hub_kwargs) -> Encode
         and not any(str(k).startswith("encoder.") for k in state)
     ):
         state = state["model"]  # solver checkpoints nest the model's state one level down
-    return model_from_state_dict(config, state, rename_original_key)
+    return EncodecModel.from_state_dict(config, state, rename_original_key)
 
 
 def config_from_audiocraft_yaml(text: str | Mapping[str, Any]) -> EncodecConfig:
@@ -282,59 +270,15 @@ def _resolve_interpolations(cfg: dict, sections: tuple[str, ...]) -> dict:
 
 
 # ---- writing ----
-def save_checkpoint(model: EncodecModel, directory: str | os.PathLike, to: str) -> None:
-    """Write `model` to `directory` (which must not exist) as config.json + model.safetensors
-    (+ preprocessor_config.json). `to="transformers"` names weight norm as current transformers
-    saves it; `"encodec-jax"` uses the Hub files' weight_g/weight_v."""
-    from safetensors.numpy import save_file
-
-    from .feature_extraction import EncodecFeatureExtractor
-
-    if to not in TARGETS:
-        raise ConversionError(f"unknown target {to!r}; choose one of {list(TARGETS)}")
-    directory = Path(directory)
-    directory.mkdir(parents=True)
-    tensors = state_dict_from_model(model)
-    if to == "transformers":
-        tensors = {_to_parametrization_name(k): v for k, v in tensors.items()}
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    save_file(tensors, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
-    model.config.to_json_file(directory / CONFIG_NAME)
-    EncodecFeatureExtractor.from_config(model.config).save_pretrained(directory)
-
-
-def _to_parametrization_name(key: str) -> str:
-    if key.endswith(".weight_g"):
-        return key[: -len("weight_g")] + "parametrizations.weight.original0"
-    if key.endswith(".weight_v"):
-        return key[: -len("weight_v")] + "parametrizations.weight.original1"
-    return key
+# Weight-norm spelling of each output layout: the Hub files' weight_g/weight_v, or the
+# parametrizations current transformers saves.
+_WEIGHT_NORM = {"encodec-jax": "legacy", "transformers": "parametrizations"}
+TARGETS = tuple(_WEIGHT_NORM)
 
 
 def export_to_transformers(model: EncodecModel, directory: str | os.PathLike, force=False) -> None:
     """Write an in-memory model (fine-tuned, say) as a transformers checkpoint directory."""
-    write_atomically(directory, lambda tmp: save_checkpoint(model, tmp, "transformers"), force)
-
-
-def write_atomically(directory: str | os.PathLike, write, force: bool = False) -> None:
-    """Run `write(tmp_dir)` and move the result to `directory` only if it succeeded.
-
-    A failure leaves nothing behind; an existing `directory` is replaced only with `force`, and
-    then only after the new one is complete.
-    """
-    target = Path(directory)
-    if target.exists() and not force:
-        raise FileExistsError(f"{target} exists; pass --force to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        write(staging / "out")
-        if target.exists():
-            old = staging / "old"
-            os.replace(target, old)
-        os.replace(staging / "out", target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    atomic_directory(directory, lambda tmp: model.save_pretrained(tmp, "parametrizations"), force)
 
 
 def convert(
@@ -353,7 +297,7 @@ def convert(
     if Path(out).exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     model, kind = load_any(src, preset=preset, config_file=config_file, **hub_kwargs)
-    write_atomically(out, lambda tmp: save_checkpoint(model, tmp, to), force)
+    atomic_directory(out, lambda tmp: model.save_pretrained(tmp, _WEIGHT_NORM[to]), force)
     return kind
 
 
@@ -363,5 +307,4 @@ __all__ = [
     "convert",
     "export_to_transformers",
     "load_any",
-    "save_checkpoint",
 ]

@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_write
 from .config import EncodecConfig
+from .hub import checkpoint_file
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 MODEL_CONFIG_NAME = "config.json"
@@ -435,39 +437,15 @@ class EncodecFeatureExtractor:
             FileNotFoundError: If neither file exists.
             ValueError: If a file does not describe an EnCodec extractor or model.
         """
-        if os.path.isdir(path_or_repo_id):
-            directory = os.fspath(path_or_repo_id)
-            for name in (PREPROCESSOR_CONFIG_NAME, MODEL_CONFIG_NAME):
-                path = os.path.join(directory, name)
-                if os.path.isfile(path):
-                    return cls._from_file(path, name)
-            raise FileNotFoundError(
-                f"{directory} has neither {PREPROCESSOR_CONFIG_NAME} nor {MODEL_CONFIG_NAME}"
-            )
-
-        from huggingface_hub import hf_hub_download
-
-        try:
-            from huggingface_hub.errors import EntryNotFoundError
-        except ImportError:  # huggingface_hub < 0.24
-            from huggingface_hub.utils import EntryNotFoundError
-
-        def download(name: str) -> str:
-            return hf_hub_download(
-                str(path_or_repo_id),
-                name,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                token=token,
-            )
-
-        try:
-            return cls._from_file(download(PREPROCESSOR_CONFIG_NAME), PREPROCESSOR_CONFIG_NAME)
-        except EntryNotFoundError:
-            # No preprocessor_config.json (or, offline, not cached): fall back to config.json,
-            # and let huggingface_hub's own error say what is wrong if that is missing too.
-            return cls._from_file(download(MODEL_CONFIG_NAME), MODEL_CONFIG_NAME)
+        path = checkpoint_file(
+            path_or_repo_id,
+            [PREPROCESSOR_CONFIG_NAME, MODEL_CONFIG_NAME],
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        return cls._from_file(str(path), path.name)
 
     @classmethod
     def _from_file(cls, path: str, name: str) -> EncodecFeatureExtractor:
@@ -487,7 +465,7 @@ class EncodecFeatureExtractor:
         """
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, PREPROCESSOR_CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as f:
+        with atomic_write(path, "w") as f:
             # transformers' own layout, so that a saved file diffs cleanly against one it wrote.
             f.write(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -18,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import ops, tiling
+from . import checkpoint, ops, tiling
 from .config import EncodecConfig
+from .feature_extraction import EncodecFeatureExtractor
 from .modules import EncodecDecoder, EncodecEncoder, EncodecResidualVectorQuantizer
 
 Array = jax.Array | np.ndarray
@@ -104,7 +106,7 @@ class EncodecModel(nnx.Module):
         self.decoder = EncodecDecoder(config, rngs=rngs)
         self.quantizer = EncodecResidualVectorQuantizer(config, rngs=rngs)
 
-    # ---- loading and saving (implemented in checkpoint.py) ----
+    # ---- loading and saving ----
     @classmethod
     def from_pretrained(
         cls,
@@ -116,22 +118,65 @@ class EncodecModel(nnx.Module):
         token: str | bool | None = None,
     ) -> EncodecModel:
         """Load a local directory (config.json + model.safetensors or pytorch_model.bin) or a
-        Hugging Face Hub id such as "facebook/encodec_24khz". See `encodec_jax.checkpoint`."""
-        from .checkpoint import load_pretrained
-
-        return load_pretrained(
+        Hugging Face Hub id such as "facebook/encodec_24khz" (downloaded into the Hub cache, or
+        found there when offline)."""
+        directory = checkpoint.resolve_pretrained(
             path_or_repo_id,
             revision=revision,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
         )
+        config = EncodecConfig.from_json_file(directory / checkpoint.CONFIG_NAME)
+        return cls.from_state_dict(config, checkpoint.read_state_dict(directory))
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json and model.safetensors in the Hub's layout (transformers loads it)."""
-        from .checkpoint import save_pretrained
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: EncodecConfig,
+        state_dict: Mapping[str, np.ndarray],
+        rename: Callable[[str], str] = checkpoint.rename_hf_key,
+    ) -> EncodecModel:
+        """A model for `config` holding exactly the tensors of a PyTorch state dict.
 
-        save_pretrained(self, directory)
+        Args:
+            config: the architecture.
+            state_dict: tensors under transformers' names (either weight-norm spelling), or
+                under another source's names with the matching `rename`
+                (`checkpoint.rename_original_key` for the `encodec` package and audiocraft).
+            rename: checkpoint key -> this model's key.
+
+        Raises:
+            ValueError: naming every missing, unexpected or mis-shaped tensor.
+        """
+        return checkpoint.module_from_state_dict(
+            lambda: cls(config, rngs=nnx.Rngs(0)), state_dict, rename
+        )
+
+    def state_dict(self, weight_norm: str = "legacy") -> dict[str, np.ndarray]:
+        """The tensors under PyTorch's names: weight norm as the Hub's files name it
+        (`weight_g`/`weight_v`, `weight_norm="legacy"`) or as current transformers saves it
+        (`"parametrizations"`)."""
+        tensors = checkpoint.state_dict_from_module(self)
+        if weight_norm == "parametrizations":
+            return {checkpoint.to_parametrization_key(k): v for k, v in tensors.items()}
+        if weight_norm != "legacy":
+            raise ValueError(
+                f"weight_norm must be 'legacy' or 'parametrizations', got {weight_norm!r}"
+            )
+        return tensors
+
+    def save_pretrained(self, directory: str | os.PathLike, weight_norm: str = "legacy") -> None:
+        """Write config.json, model.safetensors and preprocessor_config.json in the Hub's layout;
+        transformers and `from_pretrained` load the result. Each file appears complete or not at
+        all. `weight_norm`: see `state_dict`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_safetensors(
+            directory / checkpoint.SAFETENSORS_NAME, self.state_dict(weight_norm)
+        )
+        self.config.to_json_file(directory / checkpoint.CONFIG_NAME)
+        EncodecFeatureExtractor.from_config(self.config).save_pretrained(directory)
 
     # ---- the public API ----
     def encode(

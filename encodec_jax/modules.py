@@ -19,7 +19,9 @@ from .config import EncodecConfig
 
 
 class Buffer(nnx.Variable):
-    """A checkpoint tensor that is state but not a trainable parameter (codebook EMA statistics)."""
+    """A checkpoint tensor that is state but not a trainable parameter: the codebooks and their
+    EMA statistics, which training updates by exponential moving averages, never by gradients
+    (PyTorch registers them as buffers too)."""
 
 
 def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], bound: float) -> jax.Array:
@@ -276,12 +278,12 @@ class EncodecDecoder(nnx.Module):
 
 
 class EncodecCodebook(nnx.Module):
-    """One codebook. Only `embed` is used for coding; the rest are the reference's EMA buffers,
+    """One codebook. Only `embed` is used for coding; the rest are the reference's EMA statistics,
     kept so that checkpoints round-trip and k-means/EMA training can resume."""
 
     def __init__(self, config: EncodecConfig, *, rngs: nnx.Rngs):
         shape = (config.codebook_size, config.codebook_dim)
-        self.embed = nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32))
+        self.embed = Buffer(jax.random.normal(rngs.params(), shape, jnp.float32))
         self.inited = Buffer(jnp.ones((1,), jnp.float32))
         self.cluster_size = Buffer(jnp.zeros((config.codebook_size,), jnp.float32))
         self.embed_avg = Buffer(jnp.zeros(shape, jnp.float32))

@@ -48,7 +48,9 @@ def _torchaudio_in_sys_modules():
     root = REFERENCE_DIR / "torchaudio" / "torchaudio"
     if not root.is_dir():
         pytest.skip(f"torchaudio's reference source is not at {root} (run scripts/setup.sh)")
-    saved = {k: v for k, v in sys.modules.items() if k == "torchaudio" or k.startswith("torchaudio.")}
+    saved = {
+        k: v for k, v in sys.modules.items() if k == "torchaudio" or k.startswith("torchaudio.")
+    }
     package = _empty_package("torchaudio", root)
     extension = types.ModuleType("torchaudio._extension")
     extension._IS_TORCHAUDIO_EXT_AVAILABLE = False  # the pure-Python paths only

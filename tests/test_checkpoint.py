@@ -22,7 +22,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from encodec_jax import EncodecConfig, EncodecModel
-from encodec_jax.checkpoint import rename_hf_key, state_dict_from_model
+from encodec_jax.checkpoint import rename_hf_key
 from encodec_jax.feature_extraction import EncodecFeatureExtractor
 
 from .reference import TINY_CONFIG, make_hf_model, save_hf_model, test_audio
@@ -129,14 +129,14 @@ def test_round_trip_keeps_every_tensor_exactly(reference, model, exported):
     for i in range(CONFIG.num_quantizers):
         for buffer in ("inited", "cluster_size", "embed", "embed_avg"):
             assert f"quantizer.layers.{i}.codebook.{buffer}" in expected
-    assert_same_tensors(state_dict_from_model(model), expected)
+    assert_same_tensors(model.state_dict(), expected)
     assert_same_tensors(load_file(exported / "model.safetensors"), expected)
     assert EncodecConfig.from_json_file(exported / "config.json") == CONFIG
 
 
 def test_pytorch_bin_gives_the_same_model(reference, model, bin_dir):
     from_bin = EncodecModel.from_pretrained(bin_dir)
-    assert_same_tensors(state_dict_from_model(from_bin), state_dict_from_model(model))
+    assert_same_tensors(from_bin.state_dict(), model.state_dict())
     bandwidth = CONFIG.target_bandwidths[-1]
     codes = np.asarray(from_bin.encode(AUDIO, bandwidth=bandwidth).audio_codes)
     assert np.array_equal(codes, reference_codes(reference, AUDIO, bandwidth))
@@ -309,12 +309,12 @@ def test_hub_id_from_cache_with_local_files_only(revision, model, hub_cache):
     loaded = EncodecModel.from_pretrained(
         REPO_ID, revision=revision, cache_dir=hub_cache, local_files_only=True
     )
-    assert_same_tensors(state_dict_from_model(loaded), state_dict_from_model(model))
+    assert_same_tensors(loaded.state_dict(), model.state_dict())
 
 
 def test_hub_id_falls_back_to_pytorch_bin_in_cache(model, hub_cache):
     loaded = EncodecModel.from_pretrained(BIN_REPO_ID, cache_dir=hub_cache, local_files_only=True)
-    assert_same_tensors(state_dict_from_model(loaded), state_dict_from_model(model))
+    assert_same_tensors(loaded.state_dict(), model.state_dict())
 
 
 @pytest.fixture
@@ -345,7 +345,7 @@ def test_hub_id_from_cache_in_offline_mode(revision, model, hub_cache, offline):
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     loaded = EncodecModel.from_pretrained(REPO_ID, revision=revision, cache_dir=hub_cache)
-    assert_same_tensors(state_dict_from_model(loaded), state_dict_from_model(model))
+    assert_same_tensors(loaded.state_dict(), model.state_dict())
     # a branch name is looked up on the Hub first, and offline mode is what refused it
     assert offline if revision is None else not offline
     assert all(issubclass(t, OfflineModeIsEnabled) for t in offline), offline

@@ -376,14 +376,16 @@ def test_console_script_error_is_one_line(tmp_path):
 def package_24khz(tmp_path_factory):
     """(the encodec package's 24 kHz model with random weights, the same weights saved for
     encodec-jax)."""
-    from encodec_jax.checkpoint import model_from_state_dict, rename_original_key
+    from encodec_jax.checkpoint import rename_original_key
     from tests.reference import make_original_model
 
     original = make_original_model(24_000)
     original.name = "encodec_24khz"
     state = {k: v.numpy() for k, v in original.state_dict().items()}
     directory = tmp_path_factory.mktemp("encodec24") / "model"
-    model_from_state_dict(ENCODEC_24KHZ, state, rename_original_key).save_pretrained(directory)
+    EncodecModel.from_state_dict(ENCODEC_24KHZ, state, rename_original_key).save_pretrained(
+        directory
+    )
     return original, str(directory)
 
 

@@ -31,9 +31,8 @@ import torch
 import yaml
 from safetensors.numpy import load_file
 
-import encodec_jax.convert as convert_module
 from encodec_jax import ENCODEC_24KHZ, ENCODEC_32KHZ, ENCODEC_48KHZ, EncodecConfig, EncodecModel
-from encodec_jax.checkpoint import rename_hf_key, state_dict_from_model
+from encodec_jax.checkpoint import rename_hf_key
 from encodec_jax.cli import main
 from encodec_jax.convert import ConversionError, config_from_audiocraft_yaml, export_to_transformers
 
@@ -521,7 +520,7 @@ def test_audiocraft_checkpoint_matches_transformers(
     assert '"use_conv_shortcut": false' in config
     model = EncodecModel.from_pretrained(converted_audiocraft)
     assert model.config == AUDIOCRAFT_CONFIG
-    assert_same_tensors(state_dict_from_model(model), tensors_of_torch(hf_32))
+    assert_same_tensors(model.state_dict(), tensors_of_torch(hf_32))
     x = test_audio(*AUDIO_32K)
     compare_with_transformers(hf_32, model, x, "audiocraft 32k")
 
@@ -776,12 +775,12 @@ def test_failure_while_writing_keeps_the_old_out(converted_24, tmp_path, capsys,
     out.mkdir()
     (out / "keep.txt").write_text("mine")
 
-    def fail_halfway(model, directory, to):
+    def fail_halfway(model, directory, weight_norm="legacy"):
         Path(directory).mkdir(parents=True)
         (Path(directory) / "model.safetensors").write_bytes(b"half")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(convert_module, "save_checkpoint", fail_halfway)
+    monkeypatch.setattr(EncodecModel, "save_pretrained", fail_halfway)
     code, _, err = run_cli(capsys, converted_24, out, "--force")
     assert_one_line_error(code, err, "No space left on device")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from encodec_jax import EncodecConfig, EncodecModel
-from encodec_jax.checkpoint import model_from_state_dict
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -27,7 +26,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         for path, var in nnx.to_flat_state(nnx.state(abstract))
     }
     directory = tmp_path_factory.mktemp("tiny")
-    model_from_state_dict(config, state).save_pretrained(directory)
+    EncodecModel.from_state_dict(config, state).save_pretrained(directory)
     return directory
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from encodec_jax import ENCODEC_24KHZ, ENCODEC_48KHZ, EncodecModel
-from encodec_jax.checkpoint import model_from_state_dict, rename_original_key
+from encodec_jax.checkpoint import rename_original_key
 
 from .reference import make_original_model, test_audio
 from .test_parity import SCALE_RTOL, assert_audio_close
@@ -25,7 +25,10 @@ def load_original(sample_rate: int) -> tuple:
         reference = make_original_model(sample_rate, seed=1)
         config = ENCODEC_24KHZ if sample_rate == 24_000 else ENCODEC_48KHZ
         state = {k: v.numpy() for k, v in reference.state_dict().items()}
-        _MODELS[sample_rate] = reference, model_from_state_dict(config, state, rename_original_key)
+        _MODELS[sample_rate] = (
+            reference,
+            EncodecModel.from_state_dict(config, state, rename_original_key),
+        )
     return _MODELS[sample_rate]
 
 
