@@ -89,11 +89,12 @@ def run_torch(model, x: np.ndarray, bandwidth: float):
 
 def encoder_flops(model, x: np.ndarray) -> float:
     """FLOPs of the compiled encoder program for this input, from XLA's cost analysis."""
+    import jax
     import jax.numpy as jnp
 
-    from encodec_jax.model import _embed_chunks
+    from encodec_jax import functional
 
-    compiled = _embed_chunks.lower(model, jnp.asarray(x), None).compile()
+    compiled = jax.jit(functional.embed).lower(model, jnp.asarray(x)).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost["flops"])
@@ -162,12 +163,15 @@ def bench(name: str, batch: int, seconds: float, repeats: int, rate: float) -> d
             torch_enc.append(e)
             torch_dec.append(d)
         flops = encoder_flops(model, x)
-        from encodec_jax.model import _embed_chunks
+        import jax
 
+        from encodec_jax import functional
+
+        embed = jax.jit(functional.embed)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            _embed_chunks(model, x, None)[0].block_until_ready()
+            embed(model, x)[0].block_until_ready()
             times.append(time.perf_counter() - start)
         memory_jax = peak_memory("jax", name, batch, seconds, tmp)
         memory_torch = peak_memory("torch", name, batch, seconds, tmp)

@@ -1,7 +1,14 @@
 """encodec-jax: Meta's EnCodec neural audio codec in JAX/Flax, bit-exact with PyTorch."""
 
 from .compilation import enable_compilation_cache
-from .config import ENCODEC_24KHZ, ENCODEC_32KHZ, ENCODEC_48KHZ, PRESETS, EncodecConfig
+from .config import (
+    ENCODEC_24KHZ,
+    ENCODEC_32KHZ,
+    ENCODEC_48KHZ,
+    PRESETS,
+    EncodecConfig,
+    RuntimeSettings,
+)
 from .model import EncodecDecoderOutput, EncodecEncoderOutput, EncodecModel, EncodecOutput
 
 __all__ = [
@@ -15,10 +22,9 @@ __all__ = [
     "EncodecFeatureExtractor",
     "EncodecModel",
     "EncodecOutput",
+    "RuntimeSettings",
     "enable_compilation_cache",
 ]
-
-enable_compilation_cache()
 
 
 def __getattr__(name):

@@ -388,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_hub_logging()
+    from .compilation import enable_compilation_cache
+
+    enable_compilation_cache()  # every later run of a command starts with compiled programs
     try:
         return args.run(args)
     except KeyboardInterrupt:

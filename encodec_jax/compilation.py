@@ -1,7 +1,9 @@
-"""JAX's persistent compilation cache, on by default for encodec-jax.
+"""JAX's persistent compilation cache, which the command line and the notebooks turn on.
 
 Compiling the SEANet programs takes seconds per input shape; caching them on disk makes every
-later process (a notebook restart, each worker of a tokenization job) start warm.
+later process (a notebook restart, each worker of a tokenization job) start warm. `import
+encodec_jax` changes no JAX setting: a library user turns the cache on with
+`encodec_jax.enable_compilation_cache()` (or JAX's own `jax_compilation_cache_dir`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""EnCodec configuration: one frozen dataclass, the published models as presets.
+"""EnCodec configuration: the architecture (`EncodecConfig`, with the published models as
+presets) and how a model runs (`RuntimeSettings`). Both are frozen dataclasses, static under jit.
 
-Field names and meanings are those of `transformers.EncodecConfig`, so a Hub `config.json`
-maps onto it one to one (`from_hf_config` / `to_hf_config`).
+`EncodecConfig`'s field names and meanings are those of `transformers.EncodecConfig`, so a Hub
+`config.json` maps onto it one to one (`from_hf_config` / `to_hf_config`).
 """
 
 from __future__ import annotations
@@ -148,15 +149,11 @@ class EncodecConfig:
 
     @property
     def chunk_length(self) -> int | None:
-        if self.chunk_length_s is None:
-            return None
-        return int(self.chunk_length_s * self.sampling_rate)
+        return chunk_length_and_stride(self.sampling_rate, self.chunk_length_s, self.overlap)[0]
 
     @property
     def chunk_stride(self) -> int | None:
-        if self.chunk_length_s is None or self.overlap is None:
-            return None
-        return max(1, int((1.0 - self.overlap) * self.chunk_length))
+        return chunk_length_and_stride(self.sampling_rate, self.chunk_length_s, self.overlap)[1]
 
     def num_quantizers_for_bandwidth(self, bandwidth: float | None) -> int:
         """Codebooks used at `bandwidth` (kbps); None means the smallest target bandwidth.
@@ -217,6 +214,20 @@ class EncodecConfig:
             f.write("\n")
 
 
+def chunk_length_and_stride(
+    sampling_rate: int, chunk_length_s: float | None, overlap: float | None
+) -> tuple[int | None, int | None]:
+    """Samples per chunk and between chunk starts, as transformers computes them:
+    `int(chunk_length_s * sampling_rate)` and `max(1, int((1 - overlap) * chunk_length))`.
+    Each is None when its setting is (the stride also when the chunk length is)."""
+    if chunk_length_s is None:
+        return None, None
+    length = int(chunk_length_s * sampling_rate)
+    if overlap is None:
+        return length, None
+    return length, max(1, int((1.0 - overlap) * length))
+
+
 _FIELD_TYPES = {
     "sampling_rate": int,
     "audio_channels": int,
@@ -270,3 +281,57 @@ PRESETS: dict[str, EncodecConfig] = {
     "facebook/encodec_32khz": ENCODEC_32KHZ,
     "facebook/encodec_48khz": ENCODEC_48KHZ,
 }
+
+
+MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeSettings:
+    """How a model runs: numerics and memory bounds. None of it changes the architecture or the
+    weights; all of it is static under jit (a change compiles new programs).
+
+    Change it with `model.settings = model.settings.replace(matmul_precision="default")`.
+
+    Attributes:
+        matmul_precision: precision of matmuls and convolutions, as `jax.default_matmul_precision`
+            takes it. "highest" keeps float32 everywhere: TF32 or bf16 passes on GPU/TPU flip
+            codes, and a flipped code changes every later residual. "default" trades that for
+            speed (see benchmarks/RESULTS.md for the agreement measured).
+        compute_dtype: dtype of the SEANet activations and weights inside the encoder and
+            decoder ("float32" or "bfloat16"); the quantizer always runs in float32.
+        param_dtype: dtype the weights are stored and trained in.
+        tile_frames: inputs longer than twice this many frames run their conv stacks in tiles of
+            it (`encodec_jax.tiling`): same codes, memory bounded by the tile. None: never tile.
+        chunk_rows_per_call: chunked models (48 kHz) run at most this many chunks x batch items
+            per compiled call (at least one chunk of each item), so memory stays bounded however
+            long the input. On the CPU, 32 rows ran as fast as all 80 chunks of 8 x 10 s at once,
+            at 1.9 instead of 3.3 GiB peak. None: all chunks at once.
+    """
+
+    matmul_precision: str = "highest"
+    compute_dtype: str = "float32"
+    param_dtype: str = "float32"
+    tile_frames: int | None = 1024
+    chunk_rows_per_call: int | None = 32
+
+    def __post_init__(self) -> None:
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(
+                f"matmul_precision must be one of {MATMUL_PRECISIONS}, "
+                f"got {self.matmul_precision!r}"
+            )
+        for name in ("compute_dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        for name in ("tile_frames", "chunk_rows_per_call"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+    def replace(self, **changes: Any) -> RuntimeSettings:
+        """A copy with `changes` applied (and checked)."""
+        return dataclasses.replace(self, **changes)

@@ -1,14 +1,11 @@
 """Waveform preprocessing for EnCodec: the NumPy counterpart of transformers' feature extractor.
 
 `EncodecFeatureExtractor` turns raw audio (one item or a batch) into the `input_values` and
-`padding_mask` that an EnCodec model consumes, with the same arrays, dtypes and shapes as
-`transformers.EncodecFeatureExtractor` for valid input: mono items are `[samples]`, stereo items
-`[2, samples]`; every output item is `[channels, samples]` float32; padding is to the longest item,
-to `max_length`, or, for chunked models such as `facebook/encodec_48khz`, to a whole number of
-chunk strides. It reads and writes the same `preprocessor_config.json`.
-
-It depends on NumPy only. torch and transformers are never imported; jax is imported only when
-`return_tensors="jax"` is asked for, and huggingface_hub only to download from the Hub.
+`padding_mask` an EnCodec model takes, with the arrays, dtypes and shapes of
+`transformers.EncodecFeatureExtractor` for valid input, and reads and writes the same
+`preprocessor_config.json`. The length planning (`target_lengths`) and the padding (`pad_items`)
+are small pure functions. NumPy only: jax is imported for `return_tensors="jax"` alone, and
+huggingface_hub only to download from the Hub.
 """
 
 from __future__ import annotations
@@ -23,18 +20,14 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_write
-from .config import EncodecConfig
+from .config import EncodecConfig, chunk_length_and_stride
 from .hub import checkpoint_file
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 MODEL_CONFIG_NAME = "config.json"
-
 _PADDING_MODES = ("longest", "max_length", "do_not_pad")
-_TENSOR_TYPES = (None, "np", "jax")
 _PADDING_SIDES = ("right", "left")
-
-# The settings that transformers' EnCodec extractor saves and that change its output (or are
-# written back so that transformers reads the same extractor).
+# The settings transformers' EnCodec extractor saves (and so reads back).
 _SAVED_KEYS = (
     "feature_size",
     "sampling_rate",
@@ -47,17 +40,87 @@ _SAVED_KEYS = (
 
 
 class BatchFeature(dict):
-    """The output of `EncodecFeatureExtractor`: a dict whose keys are also attributes.
-
-    Keys: `input_values` (always) and `padding_mask` (when padding is active).
-    """
+    """The extractor's output: a dict whose keys (`input_values`, `padding_mask` when padding is
+    active) are also attributes."""
 
     def __getattr__(self, name: str) -> Any:
         try:
             return self[name]
         except KeyError:
-            # AttributeError, not KeyError: hasattr(), copy and pickle rely on it.
-            raise AttributeError(name) from None
+            raise AttributeError(name) from None  # hasattr(), copy and pickle rely on it
+
+
+def target_lengths(
+    lengths: list[int],
+    padding: str | None,
+    truncation: bool,
+    max_length: int | None,
+    chunking: tuple[int | None, int | None],
+) -> tuple[int | None, int | None]:
+    """(length to truncate every item to or None, length to pad every item to or None).
+
+    `padding` is one of "longest", "max_length", "do_not_pad" or None (unset). A chunked model
+    (`chunking` = (chunk length, stride), both set) without `max_length` truncates to whole
+    chunks of the shortest item and pads to whole chunks of the longest, as transformers does.
+    """
+    if truncation and padding in ("longest", "max_length"):
+        raise ValueError(
+            "Both padding and truncation were set; set only one of them (truncation with "
+            "padding left unset truncates and then pads to the longest truncated item)."
+        )
+    padding = padding or "longest"
+    chunk, stride = chunking
+    if chunk is not None and stride is not None and max_length is None:
+        # Integer arithmetic equals transformers' float floor/ceil for any realistic length.
+        if truncation:
+            max_length = (min(lengths) // stride - 1) * stride + chunk
+            if max_length < 1:
+                raise ValueError(
+                    f"Truncating to whole chunks leaves no samples: the shortest item has "
+                    f"{min(lengths)} samples, fewer than one chunk stride ({stride})."
+                )
+        elif padding != "do_not_pad":
+            max_length = (-(-max(lengths) // stride) - 1) * stride + chunk
+            padding = "max_length"
+    if truncation and max_length is None:
+        raise ValueError("truncation=True needs max_length (the length to truncate to).")
+    truncate_to = max_length if truncation else None
+    if truncate_to is not None:
+        lengths = [min(n, truncate_to) for n in lengths]
+    if padding == "do_not_pad":
+        return truncate_to, None
+    if padding == "longest":
+        return truncate_to, max(lengths)
+    if max_length is None:
+        raise ValueError('padding="max_length" needs max_length (the length to pad to).')
+    too_long = [i for i, n in enumerate(lengths) if n > max_length]
+    if too_long:
+        # transformers leaves such items ragged with an object-dtype mask no model can use.
+        raise ValueError(
+            f"Item {too_long[0]} has {lengths[too_long[0]]} samples, more than "
+            f"max_length={max_length}; pass a larger max_length, or truncation=True with "
+            "padding left unset."
+        )
+    return truncate_to, max_length
+
+
+def pad_items(
+    items: list[np.ndarray], target: int, value: float, side: str = "right"
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Items `[channels, n]` padded with `value` to `target` samples on `side`, and the
+    int32 padding mask `[batch, target]` (1 = real sample)."""
+    padded, mask = [], np.zeros((len(items), target), dtype=np.int32)
+    for item, row in zip(items, mask, strict=True):
+        n = item.shape[-1]
+        real = slice(0, n) if side == "right" else slice(target - n, target)
+        row[real] = 1
+        if n == target:
+            padded.append(item)
+            continue
+        out = np.full((item.shape[0], target), value, dtype=np.float32)
+        out[:, real] = item
+        padded.append(out)
+    return padded, mask
 
 
 class EncodecFeatureExtractor:
@@ -65,21 +128,18 @@ class EncodecFeatureExtractor:
 
     The defaults describe `facebook/encodec_24khz`; `facebook/encodec_48khz` is
     `EncodecFeatureExtractor(feature_size=2, sampling_rate=48000, chunk_length_s=1.0,
-    overlap=0.01)`.
+    overlap=0.01)` (`from_config` builds the one matching a model).
 
     Args:
-        feature_size: Audio channels, 1 (mono) or 2 (stereo).
-        sampling_rate: Sampling rate of the model's audio, in Hz.
-        padding_value: Value written into padded samples.
-        chunk_length_s: Length in seconds of the chunks a chunked model encodes one by one, or
-            None. Chunk-aligned padding and truncation are on only when `overlap` is set too.
-        overlap: Fraction of a chunk shared by consecutive chunks, in [0, 1), or None.
-        padding_side: "right" (the default, as every published EnCodec extractor) or "left".
-        return_attention_mask: Stored and saved for transformers' sake only: like transformers,
-            the extractor returns a `padding_mask` exactly when it pads.
-
-    Raises:
-        ValueError: If a setting is out of range.
+        feature_size: audio channels, 1 (mono) or 2 (stereo).
+        sampling_rate: the model's sampling rate in Hz.
+        padding_value: written into padded samples.
+        chunk_length_s: chunk length in seconds of a chunked model, or None.
+        overlap: fraction of a chunk shared by consecutive chunks, in [0, 1), or None;
+            chunk-aligned padding and truncation are on only when both are set.
+        padding_side: "right" (every published extractor) or "left".
+        return_attention_mask: saved for transformers' sake only: as there, a `padding_mask` is
+            returned exactly when the extractor pads.
     """
 
     model_input_names = ("input_values", "padding_mask")
@@ -103,15 +163,16 @@ class EncodecFeatureExtractor:
             )
         if not _is_real(padding_value) or not math.isfinite(padding_value):
             raise ValueError(f"padding_value must be a finite number, got {padding_value!r}")
-        if chunk_length_s is not None:
-            if not _is_real(chunk_length_s) or not int(chunk_length_s * sampling_rate) >= 1:
-                raise ValueError(
-                    "chunk_length_s must be a number of seconds worth at least one sample at "
-                    f"{sampling_rate} Hz, got {chunk_length_s!r}"
-                )
+        if chunk_length_s is not None and (
+            not _is_real(chunk_length_s) or not int(chunk_length_s * sampling_rate) >= 1
+        ):
+            raise ValueError(
+                "chunk_length_s must be a number of seconds worth at least one sample at "
+                f"{sampling_rate} Hz, got {chunk_length_s!r}"
+            )
         if overlap is not None and not (_is_real(overlap) and 0.0 <= overlap < 1.0):
-            # overlap >= 1 makes the stride collapse to one sample, and a negative one makes
-            # chunk-aligned truncation lengths negative: neither describes a real model.
+            # overlap >= 1 collapses the stride to one sample; a negative one makes chunk-aligned
+            # truncation lengths negative: neither describes a real model.
             raise ValueError(f"overlap must be a fraction in [0, 1), got {overlap!r}")
         if padding_side not in _PADDING_SIDES:
             raise ValueError(f"padding_side must be one of {_PADDING_SIDES}, got {padding_side!r}")
@@ -123,21 +184,16 @@ class EncodecFeatureExtractor:
         self.padding_side = padding_side
         self.return_attention_mask = bool(return_attention_mask)
 
-    # Properties rather than attributes so that they follow chunk_length_s / overlap if those are
-    # changed after construction, as in transformers.
+    # Properties, so that they follow chunk_length_s / overlap changed later, as in transformers.
     @property
     def chunk_length(self) -> int | None:
-        """Samples per chunk, `int(chunk_length_s * sampling_rate)`, or None if not chunked."""
-        if self.chunk_length_s is None:
-            return None
-        return int(self.chunk_length_s * self.sampling_rate)
+        """Samples per chunk, or None if not chunked."""
+        return chunk_length_and_stride(self.sampling_rate, self.chunk_length_s, self.overlap)[0]
 
     @property
     def chunk_stride(self) -> int | None:
-        """Samples between chunk starts, `max(1, int((1 - overlap) * chunk_length))`, or None."""
-        if self.chunk_length_s is None or self.overlap is None:
-            return None
-        return max(1, int((1.0 - self.overlap) * self.chunk_length))
+        """Samples between chunk starts, or None."""
+        return chunk_length_and_stride(self.sampling_rate, self.chunk_length_s, self.overlap)[1]
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in _SAVED_KEYS)
@@ -149,8 +205,6 @@ class EncodecFeatureExtractor:
         return self.to_dict() == other.to_dict()
 
     __hash__ = None  # mutable settings, like transformers' extractor
-
-    # ---- preprocessing ----
 
     def __call__(
         self,
@@ -164,38 +218,28 @@ class EncodecFeatureExtractor:
         """Converts one waveform or a batch of waveforms into model inputs.
 
         Args:
-            raw_audio: One item, or a batch as a list or tuple of items. An item is an array or a
-                (nested) list of numbers: `[samples]` for mono, `[2, samples]` for stereo. As in
-                transformers, a list whose first element is itself a list or an array is a batch,
-                so a single stereo item given as nested lists must be wrapped in a list.
-            padding: None (the default, same as True), True or "longest": pad to the longest
-                item (after truncation). "max_length": pad to `max_length`. False or
-                "do_not_pad": no padding and no `padding_mask`. For a chunked extractor without
-                `max_length`, any padding pads to whole chunks:
-                `(ceil(longest / chunk_stride) - 1) * chunk_stride + chunk_length` samples.
-            truncation: Cut items to `max_length` samples. Without `max_length`, a chunked
-                extractor cuts to `(floor(shortest / chunk_stride) - 1) * chunk_stride +
-                chunk_length` samples. Unless `padding` is False, shorter items are then padded
-                to the longest one.
-            max_length: Target length in samples for "max_length" padding and for truncation.
-            return_tensors: None for a list of per-item arrays (the `padding_mask` is an array
-                all the same, as in transformers), "np" for NumPy arrays, "jax" for jax arrays.
-            sampling_rate: Sampling rate of `raw_audio` in Hz; checked against the extractor's
-                when given.
+            raw_audio: one item or a batch (a list or tuple of items). An item is an array or a
+                nested list of numbers: `[samples]` mono, `[2, samples]` stereo. As in
+                transformers, a list whose first element is a list or an array is a batch.
+            padding: None or True or "longest" (pad to the longest item after truncation),
+                "max_length" (to `max_length`), False or "do_not_pad" (no `padding_mask`). A
+                chunked extractor without `max_length` pads to whole chunks.
+            truncation: cut items to `max_length` (chunked, without it: to whole chunks of the
+                shortest item); unless `padding` is False, shorter items are then padded.
+            max_length: target length in samples for "max_length" padding and truncation.
+            return_tensors: None (a list of arrays), "np" or "jax".
+            sampling_rate: the audio's rate in Hz, checked against the extractor's.
 
         Returns:
-            A `BatchFeature` with `input_values`, float32 `[channels, samples]` per item (stacked
-            to `[batch, channels, samples]` with tensors), and, when padding is active,
-            `padding_mask`: int32 `[batch, samples]`, 1 for real samples and 0 for padding.
+            `input_values`, float32 `[channels, samples]` per item (stacked to `[batch, channels,
+            samples]` with tensors), and, when padding, `padding_mask` int32 `[batch, samples]`.
 
         Raises:
-            ValueError: On a sampling rate that differs from the extractor's, on input that is
-                not real-valued, finite, non-empty audio of the right shape, on incompatible
-                padding and truncation options, or on items of unequal lengths when tensors are
-                asked for.
+            ValueError: a wrong sampling rate; audio that is not real, finite, non-empty and of
+                the right shape; contradicting options; unequal lengths with tensors.
         """
-        # No warning when sampling_rate is omitted: transformers logs one, but a warning would
-        # turn into an error wherever warnings are errors, for input that is usually fine.
+        # No warning when sampling_rate is omitted (transformers logs one): where warnings are
+        # errors it would fail input that is usually fine.
         if sampling_rate is not None and sampling_rate != self.sampling_rate:
             raise ValueError(
                 f"The audio was sampled at {sampling_rate} Hz but this feature extractor expects "
@@ -203,79 +247,33 @@ class EncodecFeatureExtractor:
             )
         mode = _padding_mode(padding)
         tensor_type = _tensor_type(return_tensors)
-        if truncation is None:
-            truncation = False
+        truncation = False if truncation is None else truncation
         if not isinstance(truncation, (bool, np.bool_)):
             raise ValueError(f"truncation must be True or False, got {truncation!r}")
-        truncation = bool(truncation)
         if max_length is not None and (not _is_int(max_length) or max_length < 1):
             raise ValueError(f"max_length must be a positive number of samples, got {max_length!r}")
-        if truncation and mode in ("longest", "max_length"):
-            raise ValueError(
-                "Both padding and truncation were set; set only one of them (truncation with "
-                "padding left unset truncates and then pads to the longest truncated item)."
-            )
-        if mode is None:
-            mode = "longest"
 
         items = self._items(raw_audio)
-        lengths = [item.shape[-1] for item in items]
-
-        stride, chunk = self.chunk_stride, self.chunk_length
-        if stride is not None and chunk is not None and max_length is None:
-            # A chunked model encodes chunk_length samples every chunk_stride samples; whole
-            # chunks avoid a ragged last chunk. Integer arithmetic equals transformers' float
-            # floor/ceil for any realistic length.
-            if truncation:
-                max_length = (min(lengths) // stride - 1) * stride + chunk
-                if max_length < 1:
-                    raise ValueError(
-                        f"Truncating to whole chunks leaves no samples: the shortest item has "
-                        f"{min(lengths)} samples, fewer than one chunk stride ({stride})."
-                    )
-            elif mode != "do_not_pad":
-                max_length = (-(-max(lengths) // stride) - 1) * stride + chunk
-                mode = "max_length"
-
-        if truncation:
-            if max_length is None:
-                raise ValueError("truncation=True needs max_length (the length to truncate to).")
-            items = [item[:, :max_length] for item in items]
-            lengths = [item.shape[-1] for item in items]
-
-        padding_mask = None
-        if mode != "do_not_pad":
-            if mode == "longest":
-                target = max(lengths)
-            elif max_length is None:
-                raise ValueError('padding="max_length" needs max_length (the length to pad to).')
-            else:
-                target = max_length
-            too_long = [i for i, n in enumerate(lengths) if n > target]
-            if too_long:
-                # transformers leaves such items ragged and returns an object-dtype padding_mask
-                # that no model can use; an error says how to get a usable batch.
-                raise ValueError(
-                    f"Item {too_long[0]} has {lengths[too_long[0]]} samples, more than "
-                    f"max_length={target}; pass a larger max_length, or truncation=True with "
-                    "padding left unset."
-                )
-            items, padding_mask = self._pad(items, target)
-
+        chunking = (self.chunk_length, self.chunk_stride)
+        truncate_to, pad_to = target_lengths(
+            [item.shape[-1] for item in items], mode, bool(truncation), max_length, chunking
+        )
+        if truncate_to is not None:
+            items = [item[:, :truncate_to] for item in items]
+        output = BatchFeature(input_values=items)
+        if pad_to is not None:
+            output["input_values"], output["padding_mask"] = pad_items(
+                items, pad_to, self.padding_value, self.padding_side
+            )
         if tensor_type is None:
-            output = BatchFeature(input_values=items)
-            if padding_mask is not None:
-                output["padding_mask"] = padding_mask
             return output
-        lengths = [item.shape[-1] for item in items]
+        lengths = [item.shape[-1] for item in output["input_values"]]
         if len(set(lengths)) > 1:
             raise ValueError(
                 f"Cannot return {tensor_type!r} tensors for items of unequal lengths {lengths}; "
                 "pad them (padding=True) or pass return_tensors=None for a list of arrays."
             )
-        output = BatchFeature(input_values=np.stack(items))
-        if padding_mask is not None:
-            output["padding_mask"] = padding_mask
+        output["input_values"] = np.stack(output["input_values"])
         if tensor_type == "jax":
             import jax.numpy as jnp
 
@@ -287,9 +285,8 @@ class EncodecFeatureExtractor:
         if isinstance(raw_audio, (list, tuple)):
             if len(raw_audio) == 0:
                 raise ValueError("Expected audio, got an empty list.")
+            # transformers' rule (a list of lists or arrays is a batch), for any array type.
             first = raw_audio[0]
-            # transformers' rule (a list of lists or arrays is a batch), extended to any array
-            # type (jax, torch) so that a list of those is a batch too.
             if isinstance(first, (list, tuple)) or getattr(first, "ndim", 0) > 0:
                 return [self._item(audio, f"item {i}") for i, audio in enumerate(raw_audio)]
         return [self._item(raw_audio, "audio")]
@@ -297,8 +294,7 @@ class EncodecFeatureExtractor:
     def _item(self, audio: Any, name: str) -> np.ndarray:
         try:
             array = np.asarray(audio)
-        except ValueError as error:
-            # NumPy refuses ragged nested lists.
+        except ValueError as error:  # NumPy refuses ragged nested lists
             raise ValueError(f"Expected {name} to be an array of numbers: {error}") from None
         if array.dtype.kind not in "iuf":
             raise ValueError(
@@ -326,61 +322,26 @@ class EncodecFeatureExtractor:
             raise ValueError(
                 f"Expected {name} to have at least one sample, got shape {array.shape}."
             )
-        # float32 always: transformers keeps the dtype of a single integer or float16 array, which
-        # no EnCodec model takes as is. Values beyond float32's range become Inf, reported below
-        # as an error rather than as a RuntimeWarning.
+        # float32 always (transformers keeps a single item's integer or float16 dtype, which no
+        # model takes); values beyond float32's range become Inf, reported as an error below.
         with np.errstate(over="ignore"):
             array = array.astype(np.float32)
         if not np.isfinite(array).all():
             raise ValueError(f"Expected {name} to be finite, but it holds NaN or Inf values.")
         return array
 
-    def _pad(self, items: list[np.ndarray], target: int) -> tuple[list[np.ndarray], np.ndarray]:
-        """Pads every item to `target` samples; returns the items and their padding mask."""
-        padded = []
-        padding_mask = np.zeros((len(items), target), dtype=np.int32)
-        for item, mask in zip(items, padding_mask, strict=True):
-            length = item.shape[-1]
-            if length == target:
-                padded.append(item)
-                mask[:] = 1
-                continue
-            out = np.full((item.shape[0], target), self.padding_value, dtype=np.float32)
-            real = (
-                slice(0, length) if self.padding_side == "right" else slice(target - length, None)
-            )
-            out[:, real] = item
-            mask[real] = 1
-            padded.append(out)
-        return padded, padding_mask
-
     # ---- configuration ----
-
     def to_dict(self) -> dict[str, Any]:
-        """The settings as saved in `preprocessor_config.json`.
-
-        Returns:
-            The same keys and values as transformers' `EncodecFeatureExtractor.to_dict()`.
-        """
-        data = {key: getattr(self, key) for key in _SAVED_KEYS}
-        data["feature_extractor_type"] = "EncodecFeatureExtractor"
-        return data
+        """The settings as `preprocessor_config.json` holds them (transformers' keys)."""
+        return {**{key: getattr(self, key) for key in _SAVED_KEYS}, **_KIND}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EncodecFeatureExtractor:
-        """Builds an extractor from the contents of a `preprocessor_config.json`.
-
-        Args:
-            data: The parsed JSON. Keys other than the extractor's settings (such as
-                `processor_class`) are ignored: transformers' EnCodec extractor does not read
-                them either, so they cannot change its output.
-
-        Returns:
-            The extractor.
+        """From a parsed `preprocessor_config.json`; keys transformers' EnCodec extractor does not
+        read either (such as `processor_class`) are ignored.
 
         Raises:
-            ValueError: If the file describes another kind of feature extractor, or a setting is
-                out of range.
+            ValueError: another kind of feature extractor, or a setting out of range.
         """
         kind = data.get("feature_extractor_type", "EncodecFeatureExtractor")
         if kind != "EncodecFeatureExtractor":
@@ -389,14 +350,7 @@ class EncodecFeatureExtractor:
 
     @classmethod
     def from_config(cls, config: EncodecConfig) -> EncodecFeatureExtractor:
-        """Builds the extractor that matches a model configuration.
-
-        Args:
-            config: An `encodec_jax.config.EncodecConfig`.
-
-        Returns:
-            An extractor with the model's channels, sampling rate and chunking.
-        """
+        """The extractor matching a model's `EncodecConfig` (channels, rate, chunking)."""
         if not isinstance(config, EncodecConfig):
             raise ValueError(f"Expected an encodec_jax EncodecConfig, got {type(config).__name__}")
         return cls(
@@ -416,26 +370,13 @@ class EncodecFeatureExtractor:
         local_files_only: bool = False,
         token: str | bool | None = None,
     ) -> EncodecFeatureExtractor:
-        """Loads an extractor from a local directory or a Hugging Face Hub model repository.
-
-        `preprocessor_config.json` is read if present; otherwise the extractor is derived from
-        the EnCodec model's `config.json` (`audio_channels`, `sampling_rate`, `chunk_length_s`,
-        `overlap`), which determine the published extractors completely.
-
-        Args:
-            path_or_repo_id: A directory, or a Hub repository id such as
-                "facebook/encodec_24khz".
-            revision: Hub branch, tag or commit.
-            cache_dir: Hub cache directory.
-            local_files_only: Use only files already in the Hub cache.
-            token: Hub access token.
-
-        Returns:
-            The extractor.
+        """From a directory or a Hub model repository: its `preprocessor_config.json`, else the
+        model's `config.json`, which determines the published extractors completely.
 
         Raises:
-            FileNotFoundError: If neither file exists.
-            ValueError: If a file does not describe an EnCodec extractor or model.
+            FileNotFoundError: a directory with neither file (for a Hub id, huggingface_hub's own
+                error for config.json says why).
+            ValueError: a file that describes no EnCodec extractor or model.
         """
         path = checkpoint_file(
             path_or_repo_id,
@@ -445,30 +386,22 @@ class EncodecFeatureExtractor:
             local_files_only=local_files_only,
             token=token,
         )
-        return cls._from_file(str(path), path.name)
-
-    @classmethod
-    def _from_file(cls, path: str, name: str) -> EncodecFeatureExtractor:
-        if name == MODEL_CONFIG_NAME:
+        if path.name == MODEL_CONFIG_NAME:
             return cls.from_config(EncodecConfig.from_json_file(path))
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
-        """Writes `preprocessor_config.json`, readable by transformers' `from_pretrained`.
-
-        Args:
-            directory: Created if missing.
-
-        Returns:
-            The path of the written file.
-        """
+        """Writes `preprocessor_config.json` (created directory if missing), as transformers
+        lays it out; returns its path."""
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, PREPROCESSOR_CONFIG_NAME)
         with atomic_write(path, "w") as f:
-            # transformers' own layout, so that a saved file diffs cleanly against one it wrote.
             f.write(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path
+
+
+_KIND = {"feature_extractor_type": "EncodecFeatureExtractor"}
 
 
 def _is_int(value: Any) -> bool:
@@ -485,8 +418,7 @@ def _padding_mode(padding: Any) -> str | None:
         return None
     if isinstance(padding, (bool, np.bool_)):
         return "longest" if padding else "do_not_pad"
-    # .value accepts transformers' PaddingStrategy members without importing transformers.
-    mode = getattr(padding, "value", padding)
+    mode = getattr(padding, "value", padding)  # transformers' PaddingStrategy, without importing it
     if mode not in _PADDING_MODES:
         raise ValueError(
             f"padding must be None, True, False or one of {list(_PADDING_MODES)}, got {padding!r}"
@@ -501,7 +433,7 @@ def _tensor_type(return_tensors: Any) -> str | None:
             "encodec-jax does not produce torch tensors (return_tensors='pt'); accepted values "
             "are None, 'np' and 'jax'."
         )
-    if kind not in _TENSOR_TYPES:
+    if kind not in (None, "np", "jax"):
         raise ValueError(
             f"return_tensors must be None, 'np' or 'jax', got {return_tensors!r} "
             "(torch tensors are not produced)"

@@ -1,8 +1,10 @@
 """`EncodecModel`: the codec with transformers' public API (`encode`, `decode`, `__call__`).
 
-The public methods validate their input, cut it into the reference's chunks and call jitted pure
-functions that take the model itself as an argument (NNX modules are pytrees), so one compiled
-program serves every set of weights of the same architecture.
+The public methods validate their input on the host, cut it into the reference's chunks and call
+the pure functions of `encodec_jax.functional`, jitted with the model itself as an argument (NNX
+modules are pytrees), so one compiled program serves every set of weights of the same
+architecture. The SEANet networks and the quantizer compile separately: the networks' programs,
+the expensive ones to compile, are shared by every bandwidth.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import checkpoint, ops, tiling
-from .config import EncodecConfig
+from . import checkpoint, functional, ops, tiling
+from .config import EncodecConfig, RuntimeSettings
 from .feature_extraction import EncodecFeatureExtractor
 from .modules import EncodecDecoder, EncodecEncoder, EncodecResidualVectorQuantizer
 
@@ -84,24 +86,16 @@ class EncodecModel(nnx.Module):
     for training with `EncodecModel(config, rngs=nnx.Rngs(0))`.
     """
 
-    def __init__(self, config: EncodecConfig, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: EncodecConfig,
+        *,
+        rngs: nnx.Rngs,
+        settings: RuntimeSettings | None = None,
+    ):
         self.config = config
-        # Matmul/conv precision the compiled functions trace under. "highest" keeps float32
-        # everywhere: TF32 or bf16 passes on GPU/TPU flip codes, and a flipped code changes every
-        # later residual. Set to "default" (or "tensorfloat32", "bfloat16") to trade that for speed.
-        self.matmul_precision = "highest"
-        # dtype of the SEANet activations and weights inside the compiled encoder and decoder.
-        # "bfloat16" halves memory traffic on accelerators at the cost of some codes (see
-        # README, "Numerics"); the quantizer always runs in float32.
-        self.compute_dtype = "float32"
-        # Inputs longer than twice this many frames run their conv stacks in tiles of it (see
-        # encodec_jax/tiling.py): same result, memory bounded by the tile. None: never tile.
-        self.tile_frames = 1024
-        # Chunked models (48 kHz) run at most this many chunks x batch items per compiled call
-        # (at least one chunk of each item), so memory stays bounded however long the input.
-        # On the CPU, 32 rows ran as fast as all 80 chunks of 8 x 10 s at once, at 1.9 instead
-        # of 3.3 GiB peak. None: all chunks at once.
-        self.chunk_rows_per_call = 32
+        # Numerics and memory bounds (`config.RuntimeSettings`); static under jit.
+        self.settings = settings if settings is not None else RuntimeSettings()
         self.encoder = EncodecEncoder(config, rngs=rngs)
         self.decoder = EncodecDecoder(config, rngs=rngs)
         self.quantizer = EncodecResidualVectorQuantizer(config, rngs=rngs)
@@ -205,14 +199,14 @@ class EncodecModel(nnx.Module):
         codes_by_chunk: list[jax.Array] = [None] * len(bounds)  # type: ignore[list-item]
         scales_by_chunk: list[jax.Array | None] = [None] * len(bounds)
         batch = x.shape[0]
-        for length, indices in _calls(bounds, batch, self.chunk_rows_per_call):
+        calls = ops.group_chunks(bounds, batch, self.settings.chunk_rows_per_call)
+        for length, indices in calls:
             starts = np.array([bounds[i][0] for i in indices])
             windows = starts[:, None] + np.arange(length)  # [k, length]
             chunks = _gather_chunks(x, windows)
             chunk_mask = None if mask is None else _gather_chunks(mask, windows)
-            with jax.default_matmul_precision(self.matmul_precision):
-                embeddings, scales = _embed(self, chunks, chunk_mask)
-                codes = _quantize(self, embeddings, num_quantizers)
+            embeddings, scales = _embed(self, chunks, chunk_mask)
+            codes = _quantize(self, embeddings, num_quantizers)
             codes = codes.reshape(len(indices), batch, *codes.shape[1:])
             for j, i in enumerate(indices):
                 codes_by_chunk[i] = codes[j]
@@ -255,14 +249,13 @@ class EncodecModel(nnx.Module):
         scales = _check_scales(audio_scales, n_chunks, batch, self.config)
         frames = _chunk_frames(codes.shape, last_frame_pad_length, chunk_frames)
         decoded: list[jax.Array] = [None] * n_chunks  # type: ignore[list-item]
-        chunk_bounds = [(i, f) for i, f in enumerate(frames)]
-        for n_frames, indices in _calls(chunk_bounds, batch, self.chunk_rows_per_call):
+        calls = ops.group_chunks(list(enumerate(frames)), batch, self.settings.chunk_rows_per_call)
+        for n_frames, indices in calls:
             chunk_codes = codes[np.array(indices), :, :, :n_frames]
             chunk_codes = chunk_codes.reshape(-1, *chunk_codes.shape[2:])
             chunk_scales = None if scales is None else scales[np.array(indices)].reshape(-1, 1)
-            with jax.default_matmul_precision(self.matmul_precision):
-                embeddings = _dequantize(self, chunk_codes)
-                audio = _decode(self, embeddings, chunk_scales)
+            embeddings = _dequantize(self, chunk_codes)
+            audio = _decode(self, embeddings, chunk_scales)
             audio = audio.reshape(len(indices), batch, *audio.shape[1:])
             for j, i in enumerate(indices):
                 decoded[i] = audio[j]
@@ -309,133 +302,24 @@ class EncodecModel(nnx.Module):
 
 
 # ---- the compiled core: the model is an argument; shapes and n_q are static ----
-# The SEANet networks and the quantizer compile separately: the networks' programs, the expensive
-# ones to compile, are then shared by every bandwidth.
-def _prepare(model: EncodecModel, x: jax.Array, mask: jax.Array | None):
-    """Mask and normalise `[N, C, L]` audio as the reference does; `[N, L, C]` and scales."""
-    if mask is not None:
-        x = x * mask
-    scale = None
-    if model.config.normalize:
-        mono = jnp.sum(x, axis=1, keepdims=True) / x.shape[1]
-        scale = jnp.sqrt(jnp.mean(mono * mono, axis=-1, keepdims=True)) + 1e-8
-        x = x / scale
-        scale = scale.reshape(-1, 1)
-    return x.transpose(0, 2, 1), scale
-
-
-@jax.jit
-def _embed_chunks(
-    model: EncodecModel, x: jax.Array, mask: jax.Array | None
-) -> tuple[jax.Array, jax.Array | None]:
-    """x: `[N, C, L]` -> embeddings `[N, frames, D]`, scales `[N, 1]` (or None)."""
-    x, scale = _prepare(model, x, mask)
-    encoder, x = _in_compute_dtype(model, model.encoder, x)
-    return encoder(x).astype(jnp.float32), scale
-
-
-_prepare_jit = jax.jit(_prepare)
-
-
-@jax.jit
-def _encoder_convs(model: EncodecModel, x: jax.Array) -> jax.Array:
-    encoder, x = _in_compute_dtype(model, model.encoder, x)
-    return encoder.convs(x)
-
-
-@jax.jit
-def _encoder_after_convs(model: EncodecModel, h: jax.Array) -> jax.Array:
-    encoder, h = _in_compute_dtype(model, model.encoder, h)
-    return encoder.after_convs(h).astype(jnp.float32)
+_embed_jit = jax.jit(functional.embed)
+_quantize = jax.jit(functional.quantize, static_argnames=("num_quantizers",))
+_dequantize = jax.jit(functional.dequantize)
+_decode_embeddings_jit = jax.jit(functional.decode_embeddings)
 
 
 def _embed(model: EncodecModel, x: jax.Array, mask: jax.Array | None):
-    """`_embed_chunks`, with the conv stack in tiles for long inputs (same result)."""
-    frames = ops.num_frames(x.shape[-1], model.config.hop_length)
-    if not _tiles_wanted(model, frames):
-        return _embed_chunks(model, x, mask)
-    x, scale = _prepare_jit(model, x, mask)
-    margin = tiling.encoder_margin_frames(model.config)
-    plan = tiling.plan_tiles(frames, model.tile_frames, margin, model.config.hop_length, x.shape[1])
-    parts = [
-        _encoder_convs(model, x[:, t.start : t.stop])[:, t.keep_start : t.keep_stop] for t in plan
-    ]
-    return _encoder_after_convs(model, jnp.concatenate(parts, axis=1)), scale
-
-
-def _tiles_wanted(model: EncodecModel, frames: int) -> bool:
-    return (
-        model.tile_frames is not None
-        and frames > 2 * model.tile_frames
-        and tiling.can_tile(model.config)
-    )
-
-
-def _in_compute_dtype(model: EncodecModel, network, x: jax.Array):
-    """`network` and `x` cast to `model.compute_dtype` (a no-op for float32)."""
-    dtype = jnp.dtype(model.compute_dtype)
-    if dtype == jnp.float32:
-        return network, x
-    cast = jax.tree.map(
-        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, network
-    )
-    return cast, x.astype(dtype)
-
-
-@partial(jax.jit, static_argnames=("num_quantizers",))
-def _quantize(model: EncodecModel, embeddings: jax.Array, num_quantizers: int) -> jax.Array:
-    return model.quantizer.encode(embeddings, num_quantizers)
-
-
-@jax.jit
-def _dequantize(model: EncodecModel, codes: jax.Array) -> jax.Array:
-    """codes `[N, n_q, frames]` -> quantized embeddings `[N, frames, D]`."""
-    return model.quantizer.decode(codes)
-
-
-@jax.jit
-def _decode_embeddings(
-    model: EncodecModel, embeddings: jax.Array, scales: jax.Array | None
-) -> jax.Array:
-    """embeddings `[N, frames, D]` -> audio `[N, C, frames * hop]`, times the scales if given."""
-    decoder, embeddings = _in_compute_dtype(model, model.decoder, embeddings)
-    return _finish_audio(decoder(embeddings), scales)
-
-
-def _finish_audio(audio: jax.Array, scales: jax.Array | None) -> jax.Array:
-    audio = audio.astype(jnp.float32).transpose(0, 2, 1)
-    return audio if scales is None else audio * scales[:, :, None]
-
-
-_finish_audio_jit = jax.jit(_finish_audio)
-
-
-@jax.jit
-def _decoder_before_convs(model: EncodecModel, embeddings: jax.Array) -> jax.Array:
-    decoder, embeddings = _in_compute_dtype(model, model.decoder, embeddings)
-    return decoder.before_convs(embeddings)
-
-
-@jax.jit
-def _decoder_convs(model: EncodecModel, h: jax.Array) -> jax.Array:
-    decoder, h = _in_compute_dtype(model, model.decoder, h)
-    return decoder.convs(h)
+    """`functional.embed`, with the conv stack in tiles for long inputs (same codes)."""
+    if tiling.wants_tiles(model, ops.num_frames(x.shape[-1], model.config.hop_length)):
+        return tiling.embed_tiled(model, x, mask)
+    return _embed_jit(model, x, mask)
 
 
 def _decode(model: EncodecModel, embeddings: jax.Array, scales: jax.Array | None) -> jax.Array:
-    """`_decode_embeddings`, with the conv stack in tiles for long inputs (same result)."""
-    frames = embeddings.shape[1]
-    if not _tiles_wanted(model, frames):
-        return _decode_embeddings(model, embeddings, scales)
-    h = _decoder_before_convs(model, embeddings)
-    hop = model.config.hop_length
-    margin = tiling.decoder_margin_frames(model.config)
-    plan = tiling.plan_tiles(frames, model.tile_frames, margin, 1, frames)
-    parts = [
-        _decoder_convs(model, h[:, t.start : t.stop])[:, t.keep_start * hop : t.keep_stop * hop]
-        for t in plan
-    ]
-    return _finish_audio_jit(jnp.concatenate(parts, axis=1), scales)
+    """`functional.decode_embeddings`, with the conv stack in tiles for long inputs."""
+    if tiling.wants_tiles(model, embeddings.shape[1]):
+        return tiling.decode_tiled(model, embeddings, scales)
+    return _decode_embeddings_jit(model, embeddings, scales)
 
 
 @partial(jax.jit, static_argnames=("lengths", "stride"))
@@ -449,22 +333,6 @@ def _gather_chunks(x: jax.Array, windows: np.ndarray) -> jax.Array:
         return x
     gathered = jnp.take(x, jnp.asarray(windows), axis=-1)  # [B, C, k, L]
     return gathered.transpose(2, 0, 1, 3).reshape(-1, x.shape[1], windows.shape[1])
-
-
-def _calls(
-    bounds: Sequence[tuple[int, int]], batch: int, max_rows: int | None
-) -> list[tuple[int, list[int]]]:
-    """(length, chunk indices) of each batched call: chunks of one length go together, at most
-    `max_rows // batch` of them (at least one) per call; `max_rows` None: no limit."""
-    groups: dict[int, list[int]] = {}
-    for i, (_, length) in enumerate(bounds):
-        groups.setdefault(length, []).append(i)
-    per_call = len(bounds) if max_rows is None else max(1, max_rows // batch)
-    return [
-        (length, indices[start : start + per_call])
-        for length, indices in groups.items()
-        for start in range(0, len(indices), per_call)
-    ]
 
 
 # ---- input checks: a clear ValueError for anything the model cannot take ----
@@ -487,10 +355,10 @@ def _check_audio(values: Array, channels: int) -> jax.Array:
         )
     if values.shape[0] == 0 or values.shape[2] == 0:
         raise ValueError(f"input_values is empty: shape {tuple(values.shape)}")
-    x = jnp.asarray(values, jnp.float32)
-    if not bool(jnp.isfinite(x).all()):
+    xp = np if isinstance(values, np.ndarray) else jnp  # NumPy input is checked on the host
+    if not bool(xp.isfinite(values).all()):
         raise ValueError("input_values contains NaN or Inf")
-    return x
+    return jnp.asarray(values, jnp.float32)
 
 
 def _check_padding_mask(mask: Array | None, shape: tuple[int, ...]) -> jax.Array | None:
@@ -524,7 +392,8 @@ def _check_codes(codes: Array, config: EncodecConfig) -> jax.Array:
         )
     if codes.shape[3] == 0 or codes.shape[0] == 0 or codes.shape[1] == 0:
         raise ValueError(f"audio_codes is empty: shape {tuple(codes.shape)}")
-    low, high = int(codes.min()), int(codes.max())
+    xp = np if isinstance(codes, np.ndarray) else jnp
+    low, high = int(xp.min(codes)), int(xp.max(codes))
     if low < 0 or high >= config.codebook_size:
         raise ValueError(
             f"audio_codes must lie in [0, {config.codebook_size}), got values in [{low}, {high}]"

@@ -8,7 +8,11 @@ channels-last `[B, T, C]`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterable
+from fractions import Fraction
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +22,45 @@ from . import ops
 from .config import EncodecConfig
 
 
+@dataclasses.dataclass(frozen=True)
+class ReceptiveField:
+    """Which inputs an output step of a layer (or a stack of layers) depends on.
+
+    Output step t depends on the input steps from `t * stride - left` to `t * stride + right`,
+    counted in input steps, before any padding at the ends of the signal. `stride` is input
+    steps per output step: an integer for a strided convolution, 1/s for a transposed one that
+    upsamples by s. Exact fractions, so that composing layers never rounds.
+
+    Tiling widens each tile by this much, and streaming keeps this much state per layer.
+    """
+
+    left: Fraction = Fraction(0)
+    right: Fraction = Fraction(0)
+    stride: Fraction = Fraction(1)
+
+    def then(self, after: ReceptiveField) -> ReceptiveField:
+        """The field of this layer followed by `after`, in this layer's input steps."""
+        return ReceptiveField(
+            self.left + after.left * self.stride,
+            self.right + after.right * self.stride,
+            self.stride * after.stride,
+        )
+
+    def union(self, other: ReceptiveField) -> ReceptiveField:
+        """Two branches over the same input summed (a residual block and its shortcut)."""
+        if self.stride != other.stride:
+            raise ValueError("branches with different strides cannot be summed")
+        return ReceptiveField(max(self.left, other.left), max(self.right, other.right), self.stride)
+
+
+def stack_receptive_field(layers: Iterable[nnx.Module]) -> ReceptiveField:
+    """The field of layers applied one after the other (each must have `receptive_field`)."""
+    field = ReceptiveField()
+    for layer in layers:
+        field = field.then(layer.receptive_field)
+    return field
+
+
 class Buffer(nnx.Variable):
     """A checkpoint tensor that is state but not a trainable parameter: the codebooks and their
     EMA statistics, which training updates by exponential moving averages, never by gradients
@@ -25,7 +68,20 @@ class Buffer(nnx.Variable):
 
 
 def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], bound: float) -> jax.Array:
-    return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
+    """PyTorch's default initialisation, U(-bound, bound)."""
+    return _uniform_jit(rngs.params(), shape) * bound
+
+
+# One compiled program per shape: run eagerly, `jax.random.uniform` compiles each of its
+# primitives separately, which made building a model take ~10 s the first time in a process.
+@partial(jax.jit, static_argnums=1)
+def _uniform_jit(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0)
+
+
+@partial(jax.jit, static_argnums=1)
+def _normal_jit(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.random.normal(key, shape, jnp.float32)
 
 
 class ConvWeights(nnx.Module):
@@ -67,11 +123,15 @@ class GroupNorm(nnx.Module):
 class ELU(nnx.Module):
     """Parameter-free; kept as a module so layer indices match the PyTorch ModuleList."""
 
+    receptive_field = ReceptiveField()
+
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.elu(x)
 
 
 class Identity(nnx.Module):
+    receptive_field = ReceptiveField()
+
     def __call__(self, x: jax.Array) -> jax.Array:
         return x
 
@@ -98,6 +158,14 @@ class EncodecConv1d(nnx.Module):
             (out_channels, in_channels, kernel_size), out_channels, use_weight_norm, rngs=rngs
         )
         self.norm = GroupNorm(out_channels) if config.norm_type == "time_group_norm" else None
+
+    @property
+    def receptive_field(self) -> ReceptiveField:
+        # Output t reads the padded input from t * stride over the effective kernel; the left
+        # padding is the same for every length (only the right end gets `extra`).
+        left, _ = ops.conv_padding(0, self.kernel_size, self.stride, self.dilation, self.causal)
+        span = (self.kernel_size - 1) * self.dilation
+        return ReceptiveField(Fraction(left), Fraction(span - left), Fraction(self.stride))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         left, right = ops.conv_padding(
@@ -134,16 +202,28 @@ class EncodecConvTranspose1d(nnx.Module):
         )
         self.norm = GroupNorm(out_channels) if config.norm_type == "time_group_norm" else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = ops.conv_transpose1d(x, self.conv.kernel(), self.conv.bias[...], self.stride)
-        if self.norm is not None:
-            x = self.norm(x)  # the reference normalises before trimming
+    def trim(self) -> tuple[int, int]:
+        """Samples cut from the left and right of the full transposed convolution."""
         padding_total = self.kernel_size - self.stride
         if self.causal:
             right = math.ceil(padding_total * self.trim_right_ratio)
         else:
             right = padding_total // 2
-        left = padding_total - right
+        return padding_total - right, right
+
+    @property
+    def receptive_field(self) -> ReceptiveField:
+        # Full output sample j' = i * stride + k (k < kernel) comes from input i, so trimmed
+        # output j = j' - left reads inputs (j + left - kernel + 1) / stride to (j + left) / stride.
+        left, _ = self.trim()
+        s = Fraction(self.stride)
+        return ReceptiveField((self.kernel_size - 1 - left) / s, left / s, 1 / s)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = ops.conv_transpose1d(x, self.conv.kernel(), self.conv.bias[...], self.stride)
+        if self.norm is not None:
+            x = self.norm(x)  # the reference normalises before trimming
+        left, right = self.trim()
         return x[:, left : x.shape[1] - right]
 
 
@@ -197,6 +277,10 @@ class EncodecResnetBlock(nnx.Module):
         else:
             self.shortcut = Identity()
 
+    @property
+    def receptive_field(self) -> ReceptiveField:
+        return stack_receptive_field(self.block).union(self.shortcut.receptive_field)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x
         for layer in self.block:
@@ -233,6 +317,11 @@ class EncodecEncoder(nnx.Module):
         for layer in self.layers[: self.lstm_index]:
             x = layer(x)
         return x
+
+    @property
+    def convs_receptive_field(self) -> ReceptiveField:
+        """Of `convs`, in audio samples per frame."""
+        return stack_receptive_field(self.layers[: self.lstm_index])
 
     def after_convs(self, x: jax.Array) -> jax.Array:
         """LSTM, ELU and the last conv, at the frame rate."""
@@ -276,6 +365,11 @@ class EncodecDecoder(nnx.Module):
             x = layer(x)
         return x
 
+    @property
+    def convs_receptive_field(self) -> ReceptiveField:
+        """Of `convs`, in frames per audio sample."""
+        return stack_receptive_field(self.layers[2:])
+
 
 class EncodecCodebook(nnx.Module):
     """One codebook. Only `embed` is used for coding; the rest are the reference's EMA statistics,
@@ -283,7 +377,7 @@ class EncodecCodebook(nnx.Module):
 
     def __init__(self, config: EncodecConfig, *, rngs: nnx.Rngs):
         shape = (config.codebook_size, config.codebook_dim)
-        self.embed = Buffer(jax.random.normal(rngs.params(), shape, jnp.float32))
+        self.embed = Buffer(_normal_jit(rngs.params(), shape))
         self.inited = Buffer(jnp.ones((1,), jnp.float32))
         self.cluster_size = Buffer(jnp.zeros((config.codebook_size,), jnp.float32))
         self.embed_avg = Buffer(jnp.zeros(shape, jnp.float32))

@@ -306,3 +306,21 @@ def chunk_bounds(
 def num_frames(length: int, hop_length: int) -> int:
     """Frames the encoder makes from `length` samples: each strided conv rounds up."""
     return math.ceil(length / hop_length)
+
+
+def group_chunks(
+    bounds: Sequence[tuple[int, int]], batch: int, max_rows: int | None
+) -> list[tuple[int, list[int]]]:
+    """(length, chunk indices) of each batched call over chunks `(start, length)` of a batch of
+    `batch` items: chunks of one length go together, at most `max_rows // batch` of them (at
+    least one) per call, so no call runs more than `max(max_rows, batch)` rows; `max_rows` None:
+    no limit."""
+    groups: dict[int, list[int]] = {}
+    for i, (_, length) in enumerate(bounds):
+        groups.setdefault(length, []).append(i)
+    per_call = len(bounds) if max_rows is None else max(1, max_rows // batch)
+    return [
+        (length, indices[start : start + per_call])
+        for length, indices in groups.items()
+        for start in range(0, len(indices), per_call)
+    ]

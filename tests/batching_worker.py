@@ -155,7 +155,9 @@ def _cache(model_dir: str, out: str) -> None:
     monitoring.register_event_listener(on_event)
     monitoring.register_event_duration_secs_listener(on_duration)
 
-    import encodec_jax  # noqa: F401  (enables the cache from the environment)
+    import encodec_jax
+
+    encodec_jax.enable_compilation_cache()  # as the README tells library users
     from encodec_jax import EncodecModel
     from encodec_jax.batching import BatchCodec
 
@@ -171,10 +173,12 @@ def _cache(model_dir: str, out: str) -> None:
 def _config(out: str) -> None:
     import jax
 
-    import encodec_jax  # noqa: F401  (reads ENCODEC_JAX_COMPILATION_CACHE)
+    import encodec_jax
 
+    imported = jax.config.jax_compilation_cache_dir
+    encodec_jax.enable_compilation_cache()  # reads ENCODEC_JAX_COMPILATION_CACHE
     with open(out, "w") as f:
-        json.dump(dict(cache_dir=jax.config.jax_compilation_cache_dir), f)
+        json.dump(dict(cache_dir=jax.config.jax_compilation_cache_dir, imported=imported), f)
 
 
 def main(argv: list[str]) -> None:

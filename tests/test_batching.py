@@ -44,6 +44,7 @@ from jax.sharding import Mesh
 
 from encodec_jax import EncodecConfig, EncodecModel, ops
 from encodec_jax.batching import BatchCodec, EncodedItem, process_share
+from encodec_jax.testing import random_audio, random_model
 
 from .batching_worker import (
     SHARED_LENGTHS,
@@ -52,8 +53,7 @@ from .batching_worker import (
     TINY_CONFIG,
     make_items,
 )
-from .reference import make_hf_model, one_torch_thread, save_hf_model, test_audio
-from .test_parity import load_pair
+from .requires import needs_transformers
 
 WORKER = Path(__file__).with_name("batching_worker.py")
 CHILD_TIMEOUT = 120  # seconds, per group of child processes
@@ -123,13 +123,12 @@ def free_port() -> int:
 
 
 class Tiny:
-    """The tiny model (a transformers model with codebooks filled from its own residuals, as in
-    test_parity, so that codes vary), its directory for the workers, and single-process
-    reference encodings of the shared items."""
+    """The tiny model (random weights, codebooks filled from its own residuals so that codes
+    vary), its directory for the workers, and single-process reference encodings of the shared
+    items."""
 
     def __init__(self, directory: Path):
-        with one_torch_thread():
-            save_hf_model(make_hf_model(EncodecConfig(**TINY_CONFIG), seed=0), directory)
+        random_model(EncodecConfig(**TINY_CONFIG), seed=0).save_pretrained(directory)
         self.directory = directory
         self.model = EncodecModel.from_pretrained(directory)
         self.items = make_items(SHARED_LENGTHS, SHARED_SEED)
@@ -207,11 +206,14 @@ def differing_frames(ours: np.ndarray, single: np.ndarray, frames: int) -> list[
 
 
 def check_batched_against_single(name: str, items_spec, tmp_path_factory) -> list[str]:
+    from .reference import one_torch_thread
+    from .test_parity import load_pair
+
     with one_torch_thread():
         pair = load_pair(name, tmp_path_factory)
     model, config = pair.model, pair.config
     bandwidth = config.target_bandwidths[-1]
-    items = [test_audio(1, config.audio_channels, n, seed=s)[0] for n, s in items_spec]
+    items = [random_audio(1, config.audio_channels, n, seed=s)[0] for n, s in items_spec]
     singles = [model.encode(item[None], bandwidth=bandwidth) for item in items]
     report: list[str] = []
 
@@ -280,6 +282,7 @@ def check_batched_against_single(name: str, items_spec, tmp_path_factory) -> lis
     return report
 
 
+@needs_transformers
 def test_batched_against_single_24khz_quick(tmp_path_factory, record_property):
     report = check_batched_against_single("24khz", QUICK_ITEMS["24khz"], tmp_path_factory)
     record_property("measured", report)
@@ -287,6 +290,7 @@ def test_batched_against_single_24khz_quick(tmp_path_factory, record_property):
 
 
 @pytest.mark.slow
+@needs_transformers
 @pytest.mark.parametrize("name", list(FULL_ITEMS))
 def test_batched_against_single(name, tmp_path_factory, record_property):
     report = check_batched_against_single(name, FULL_ITEMS[name], tmp_path_factory)
@@ -408,8 +412,7 @@ def test_compiles_bounded_by_buckets(tiny):
 def test_compiles_bounded_by_buckets_chunked(tmp_path):
     """A fresh chunked model: a list spanning 3 buckets at once."""
     config = EncodecConfig(**{**TINY_CONFIG, "chunk_length_s": 0.1, "overlap": 0.01})
-    with one_torch_thread():
-        save_hf_model(make_hf_model(config, seed=1), tmp_path)
+    random_model(config, seed=1).save_pretrained(tmp_path)
     model = EncodecModel.from_pretrained(tmp_path)
     codec = BatchCodec(model, bandwidth=TINY_BANDWIDTH, batch_size=4, buckets=(1_592, 3_176))
     lengths = [101, 800, 1_001, 1_592, 1_593, 2_500, 3_176, 3_300, 6_000]
@@ -448,9 +451,10 @@ def test_persistent_compilation_cache(tiny, tmp_path):
     assert results[1]["cache_misses"] == 0
     assert results[0]["codes"] == results[1]["codes"]
     assert json.loads((tmp_path / "off.json").read_text())["cache_dir"] is None
-    assert json.loads((tmp_path / "default.json").read_text())["cache_dir"] == str(
-        tmp_path / "xdg" / "encodec-jax" / "xla"
-    )
+    default = json.loads((tmp_path / "default.json").read_text())
+    assert default["cache_dir"] == str(tmp_path / "xdg" / "encodec-jax" / "xla")
+    # `import encodec_jax` alone changed no JAX setting; enable_compilation_cache() did
+    assert default["imported"] is None
 
 
 # ---- 6. input checks ----

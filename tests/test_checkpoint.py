@@ -18,21 +18,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+try:
+    import torch
+
+    from .reference import make_hf_model, save_hf_model
+except ImportError:  # the tests that need them are skipped
+    pass
+
 from safetensors.numpy import load_file, save_file
 
 from encodec_jax import EncodecConfig, EncodecModel
 from encodec_jax.checkpoint import rename_hf_key
 from encodec_jax.feature_extraction import EncodecFeatureExtractor
+from encodec_jax.testing import TINY_CONFIG, random_audio
 
-from .reference import TINY_CONFIG, make_hf_model, save_hf_model, test_audio
+from .requires import needs_torch
 
 CONFIG = TINY_CONFIG
 REPO_ID = "acme/encodec-tiny"
 BIN_REPO_ID = "acme/encodec-tiny-bin"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # the shape and config of test_inputs.py's plain model: a run of both compiles them once
-AUDIO = test_audio(2, 1, 260, seed=1)
+AUDIO = random_audio(2, 1, 260, seed=1)
 
 
 def test_config_has_several_quantizers():
@@ -104,6 +112,7 @@ def reference_tensors(reference) -> dict[str, np.ndarray]:
 
 
 # ---- export ----
+@needs_torch
 def test_export_loads_in_transformers_with_identical_codes(reference, model, exported):
     import transformers
 
@@ -122,6 +131,7 @@ def test_export_loads_in_transformers_with_identical_codes(reference, model, exp
     assert len(np.unique(codes)) > 2, "degenerate codes would make the comparison vacuous"
 
 
+@needs_torch
 def test_round_trip_keeps_every_tensor_exactly(reference, model, exported):
     expected = reference_tensors(reference)
     # transformers saves weight norm as parametrizations.weight.original0/1
@@ -134,6 +144,7 @@ def test_round_trip_keeps_every_tensor_exactly(reference, model, exported):
     assert EncodecConfig.from_json_file(exported / "config.json") == CONFIG
 
 
+@needs_torch
 def test_pytorch_bin_gives_the_same_model(reference, model, bin_dir):
     from_bin = EncodecModel.from_pretrained(bin_dir)
     assert_same_tensors(from_bin.state_dict(), model.state_dict())
@@ -217,6 +228,7 @@ BROKEN = {
 }
 
 
+@needs_torch
 @pytest.mark.parametrize("problem", list(BROKEN))
 def test_broken_checkpoint_is_named(problem, exported, tmp_path):
     breaker, error, message = BROKEN[problem]
@@ -227,6 +239,7 @@ def test_broken_checkpoint_is_named(problem, exported, tmp_path):
         EncodecModel.from_pretrained(directory)
 
 
+@needs_torch
 def test_path_to_a_file_is_named(exported):
     with pytest.raises(ValueError, match=r"config\.json is a file; from_pretrained takes a"):
         EncodecModel.from_pretrained(exported / "config.json")
@@ -239,6 +252,7 @@ def test_missing_local_path_is_named(path, tmp_path, monkeypatch):
         EncodecModel.from_pretrained(path)
 
 
+@needs_torch
 def test_duplicate_weight_norm_spellings_are_rejected(exported, tmp_path):
     directory = tmp_path / "checkpoint"
     shutil.copytree(exported, directory)
@@ -252,6 +266,7 @@ def test_duplicate_weight_norm_spellings_are_rejected(exported, tmp_path):
         EncodecModel.from_pretrained(directory)
 
 
+@needs_torch
 def test_missing_shard_is_file_not_found(exported, tmp_path):
     directory = tmp_path / "checkpoint"
     shutil.copytree(exported, directory)
@@ -263,6 +278,7 @@ def test_missing_shard_is_file_not_found(exported, tmp_path):
         EncodecModel.from_pretrained(directory)
 
 
+@needs_torch
 def test_invalid_config_json_names_the_file(exported, tmp_path):
     directory = tmp_path / "checkpoint"
     shutil.copytree(exported, directory)
@@ -304,6 +320,7 @@ def hub_cache(exported, bin_dir, tmp_path_factory) -> Path:
     return cache
 
 
+@needs_torch
 @pytest.mark.parametrize("revision", [None, "main", COMMIT])
 def test_hub_id_from_cache_with_local_files_only(revision, model, hub_cache):
     loaded = EncodecModel.from_pretrained(
@@ -312,6 +329,7 @@ def test_hub_id_from_cache_with_local_files_only(revision, model, hub_cache):
     assert_same_tensors(loaded.state_dict(), model.state_dict())
 
 
+@needs_torch
 def test_hub_id_falls_back_to_pytorch_bin_in_cache(model, hub_cache):
     loaded = EncodecModel.from_pretrained(BIN_REPO_ID, cache_dir=hub_cache, local_files_only=True)
     assert_same_tensors(loaded.state_dict(), model.state_dict())
@@ -340,6 +358,7 @@ def offline(monkeypatch):
     return raised
 
 
+@needs_torch
 @pytest.mark.parametrize("revision", [None, COMMIT])
 def test_hub_id_from_cache_in_offline_mode(revision, model, hub_cache, offline):
     from huggingface_hub.errors import OfflineModeIsEnabled
@@ -351,6 +370,7 @@ def test_hub_id_from_cache_in_offline_mode(revision, model, hub_cache, offline):
     assert all(issubclass(t, OfflineModeIsEnabled) for t in offline), offline
 
 
+@needs_torch
 def test_uncached_hub_id_raises_huggingface_hub_error(hub_cache, offline):
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -360,6 +380,7 @@ def test_uncached_hub_id_raises_huggingface_hub_error(hub_cache, offline):
         EncodecModel.from_pretrained("acme/missing", cache_dir=hub_cache)
 
 
+@needs_torch
 @pytest.mark.parametrize("local_files_only", [True, False])
 def test_feature_extractor_from_cached_hub_id(local_files_only, hub_cache, offline):
     extractor = EncodecFeatureExtractor.from_pretrained(
@@ -370,6 +391,7 @@ def test_feature_extractor_from_cached_hub_id(local_files_only, hub_cache, offli
     assert extractor.feature_size == CONFIG.audio_channels
 
 
+@needs_torch
 def test_feature_extractor_uncached_hub_id_raises_huggingface_hub_error(hub_cache, offline):
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -422,6 +444,7 @@ TORCH_FREE_SCRIPT = textwrap.dedent(
 )
 
 
+@needs_torch
 def test_library_never_imports_torch(exported, bin_dir, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(

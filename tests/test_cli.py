@@ -27,6 +27,8 @@ from encodec_jax.audio import AudioError, load_audio, save_audio
 from encodec_jax.cli import main
 from encodec_jax.codes import Codes, load_codes, save_codes
 
+from .requires import needs_torch
+
 # A codec small enough to compile in a second or two: 16 kHz, hop 32, 16-entry codebooks.
 TINY = EncodecConfig(
     sampling_rate=16_000,
@@ -389,6 +391,7 @@ def package_24khz(tmp_path_factory):
     return original, str(directory)
 
 
+@needs_torch
 def test_ecdc_round_trip_with_the_package(tmp_path, capsys, monkeypatch, package_24khz):
     import torch
 

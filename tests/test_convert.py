@@ -35,8 +35,9 @@ from encodec_jax import ENCODEC_24KHZ, ENCODEC_32KHZ, ENCODEC_48KHZ, EncodecConf
 from encodec_jax.checkpoint import rename_hf_key
 from encodec_jax.cli import main
 from encodec_jax.convert import ConversionError, config_from_audiocraft_yaml, export_to_transformers
+from encodec_jax.testing import random_audio
 
-from .reference import make_hf_model, make_original_model, save_hf_model, test_audio
+from .reference import make_hf_model, make_original_model, save_hf_model
 from .test_parity import SCALE_RTOL, assert_audio_close
 
 ERROR_PREFIX = "encodec-jax convert: error:"
@@ -44,7 +45,7 @@ TH_24 = "encodec_24khz-d7cc33bc.th"
 TH_48 = "encodec_48khz-7e698e3e.th"
 HUB_ID = "facebook/encodec_32khz"
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
-AUDIO_32K = (2, 1, 16_077, 23)  # test_audio(batch, channels, length, seed)
+AUDIO_32K = (2, 1, 16_077, 23)  # random_audio(batch, channels, length, seed)
 
 # MusicGen's compression model as audiocraft configures it (default.yaml with
 # encodec_large_nq4_s640's overrides): constant padding and identity shortcuts, unlike
@@ -438,14 +439,14 @@ def hub_cache(hf_32_dir, files) -> Path:
 def test_th_24khz_matches_the_package_at_every_bandwidth(original_24, converted_24, capsys):
     model = EncodecModel.from_pretrained(converted_24)
     assert model.config == ENCODEC_24KHZ
-    compare_with_package(original_24, model, test_audio(2, 1, 7_777, seed=21), "24k")
+    compare_with_package(original_24, model, random_audio(2, 1, 7_777, seed=21), "24k")
 
 
 def test_th_48khz_matches_the_package_at_every_bandwidth(original_48, th_48, files, capsys):
     out = convert_ok(capsys, th_48, files / "from_th_48")
     model = EncodecModel.from_pretrained(out)
     assert model.config == ENCODEC_48KHZ
-    x = test_audio(1, 2, 96_000, seed=22)  # 2 s: chunks of 48000, 48000 and 960 samples
+    x = random_audio(1, 2, 96_000, seed=22)  # 2 s: chunks of 48000, 48000 and 960 samples
     assert compare_with_package(original_48, model, x, "48k") == (150, 150, 3)
 
 
@@ -521,7 +522,7 @@ def test_audiocraft_checkpoint_matches_transformers(
     model = EncodecModel.from_pretrained(converted_audiocraft)
     assert model.config == AUDIOCRAFT_CONFIG
     assert_same_tensors(model.state_dict(), tensors_of_torch(hf_32))
-    x = test_audio(*AUDIO_32K)
+    x = random_audio(*AUDIO_32K)
     compare_with_transformers(hf_32, model, x, "audiocraft 32k")
 
 
@@ -645,7 +646,7 @@ def test_export_to_transformers_round_trip(hf_32, hf_32_dir, tmp_path, capsys):
     assert_same_tensors(torch_tensors(reloaded), torch_tensors(hf_32))
     assert reloaded.config.pad_mode == "constant"
     assert reloaded.config.use_conv_shortcut is False
-    x = torch.from_numpy(test_audio(1, 1, 6_401, seed=24))
+    x = torch.from_numpy(random_audio(1, 1, 6_401, seed=24))
     with torch.no_grad():
         codes = reloaded.encode(x, bandwidth=2.2).audio_codes
         expected = hf_32.encode(x, bandwidth=2.2).audio_codes
@@ -657,7 +658,7 @@ def test_th_straight_to_transformers(original_24, th_24, converted_24, tmp_path,
     reloaded = load_in_transformers(out)
     expected = tensors_of(converted_24)
     assert_same_tensors(tensors_of_torch(reloaded), expected)
-    x = test_audio(1, 1, 1_601, seed=25)
+    x = random_audio(1, 1, 1_601, seed=25)
     original_24.set_target_bandwidth(24.0)
     with torch.no_grad():
         codes = reloaded.encode(torch.from_numpy(x), bandwidth=24.0).audio_codes
@@ -706,7 +707,7 @@ print("TORCH FREE OK")
 
 
 def test_converted_directory_loads_without_torch(hf_32, converted_audiocraft, hf_32_dir, tmp_path):
-    x = test_audio(*AUDIO_32K)  # the shape compiled above: JAX's disk cache may serve it
+    x = random_audio(*AUDIO_32K)  # the shape compiled above: JAX's disk cache may serve it
     np.save(tmp_path / "x.npy", x)
     result = run_without_torch(
         TORCH_FREE_LOAD,

@@ -13,8 +13,9 @@ import torch
 
 from encodec_jax import ENCODEC_24KHZ, ENCODEC_48KHZ, EncodecModel
 from encodec_jax.checkpoint import rename_original_key
+from encodec_jax.testing import random_audio
 
-from .reference import make_original_model, test_audio
+from .reference import make_original_model
 from .test_parity import SCALE_RTOL, assert_audio_close
 
 _MODELS: dict[int, tuple] = {}
@@ -68,7 +69,7 @@ def compare_with_original(reference, model: EncodecModel, x: np.ndarray) -> None
 )
 def test_48khz_lengths_transformers_cannot_encode(length):
     reference, model = load_original(48_000)
-    x = test_audio(2, 2, length, seed=length)
+    x = random_audio(2, 2, length, seed=length)
     compare_with_original(reference, model, x)
 
 
@@ -86,4 +87,4 @@ def test_transformers_fails_where_we_follow_the_original():
 
 def test_24khz_matches_original():
     reference, model = load_original(24_000)
-    compare_with_original(reference, model, test_audio(2, 1, 24_000 + 123, seed=5))
+    compare_with_original(reference, model, random_audio(2, 1, 24_000 + 123, seed=5))

@@ -16,8 +16,9 @@ import torch
 
 from encodec_jax import ENCODEC_24KHZ, ENCODEC_32KHZ, ENCODEC_48KHZ, EncodecConfig, EncodecModel
 from encodec_jax.feature_extraction import EncodecFeatureExtractor
+from encodec_jax.testing import random_audio
 
-from .reference import make_hf_model, save_hf_model, test_audio
+from .reference import make_hf_model, save_hf_model
 
 # max |error| <= AUDIO_RTOL * peak |reference|: float32 convolutions summed in another order
 # differ by a few ulps per layer; measured worst cases are around 2e-6 of the peak.
@@ -112,7 +113,7 @@ SLOW_CASES = {("48khz", 96_000)}
 )
 def test_presets_match_transformers(name, length, tmp_path_factory):
     pair = load_pair(name, tmp_path_factory)
-    x = test_audio(2, pair.config.audio_channels, length, seed=length)
+    x = random_audio(2, pair.config.audio_channels, length, seed=length)
     compare_every_bandwidth(pair, x)
 
 
@@ -122,7 +123,7 @@ def test_batch_of_one_and_hub_weight_norm_names(name, tmp_path_factory):
     parametrizations.weight.original0/1. Both load to the same model."""
     pair = load_pair(name, tmp_path_factory, legacy_weight_norm=True)
     length = {"24khz": 4_801, "32khz": 6_401, "48khz": 50_000}[name]
-    compare_every_bandwidth(pair, test_audio(1, pair.config.audio_channels, length, seed=7))
+    compare_every_bandwidth(pair, random_audio(1, pair.config.audio_channels, length, seed=7))
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -134,7 +135,7 @@ def test_model_card_snippet(name, tmp_path_factory):
     pair = load_pair(name, tmp_path_factory)
     rate, channels = pair.config.sampling_rate, pair.config.audio_channels
     lengths = [rate // 3 + 11, rate // 2 + 5]
-    raw = [test_audio(1, channels, n, seed=n)[0] for n in lengths]
+    raw = [random_audio(1, channels, n, seed=n)[0] for n in lengths]
     raw = [a[0] if channels == 1 else a for a in raw]
 
     processor = EncodecFeatureExtractor.from_config(pair.config)
@@ -177,7 +178,7 @@ def _layer_outputs_match(torch_layers, jax_layers, x: torch.Tensor, where: str) 
 def test_intermediate_stages(name, tmp_path_factory):
     pair = load_pair(name, tmp_path_factory)
     config = pair.config
-    x = torch.from_numpy(test_audio(2, config.audio_channels, config.hop_length * 9 + 7, seed=3))
+    x = torch.from_numpy(random_audio(2, config.audio_channels, config.hop_length * 9 + 7, seed=3))
     _layer_outputs_match(pair.reference.encoder.layers, pair.model.encoder.layers, x, "encoder")
 
     with torch.no_grad():
@@ -244,7 +245,7 @@ def check_random_config(seed: int, tmp_path, max_flipped: float = 0.0) -> None:
     model = EncodecModel.from_pretrained(save_hf_model(reference, tmp_path))
     pair = Pair(config, reference, model)
     for length in (1, config.hop_length + 1, int(config.sampling_rate * 0.13) + 3):
-        x = test_audio(2, config.audio_channels, length, seed=seed + length)
+        x = random_audio(2, config.audio_channels, length, seed=seed + length)
         compare_every_bandwidth(pair, x, max_flipped)
 
 

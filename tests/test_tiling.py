@@ -8,16 +8,15 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from encodec_jax import ENCODEC_24KHZ, ENCODEC_32KHZ, EncodecConfig, EncodecModel, tiling
-from encodec_jax import model as model_module
-from encodec_jax.model import _decode, _decode_embeddings, _embed, _embed_chunks
-
-from .reference import TINY_CHUNKED_CONFIG
+from encodec_jax import ENCODEC_24KHZ, ENCODEC_32KHZ, EncodecConfig, EncodecModel, ops, tiling
+from encodec_jax import functional as F
+from encodec_jax.testing import TINY_CHUNKED_CONFIG
 
 # With 48 kHz's overlapping chunks and time_group_norm too.
 CHUNKED_CONFIG = dataclasses.replace(TINY_CHUNKED_CONFIG, overlap=0.25, norm_type="time_group_norm")
@@ -25,13 +24,13 @@ CHUNKED_CONFIG = dataclasses.replace(TINY_CHUNKED_CONFIG, overlap=0.25, norm_typ
 
 def tiled_and_untiled(config: EncodecConfig, length: int, tile_frames: int = 7):
     model = EncodecModel(config, rngs=nnx.Rngs(0))
-    model.tile_frames = tile_frames
+    model.settings = model.settings.replace(tile_frames=tile_frames)
     rng = np.random.default_rng(length)
     x = jnp.asarray(0.1 * rng.standard_normal((2, config.audio_channels, length)), jnp.float32)
-    emb, scale = _embed_chunks(model, x, None)
-    tiled_emb, tiled_scale = _embed(model, x, None)
-    audio = _decode_embeddings(model, emb, scale)
-    tiled_audio = _decode(model, emb, scale)
+    emb, scale = jax.jit(F.embed)(model, x)
+    tiled_emb, tiled_scale = tiling.embed_tiled(model, x, None)
+    audio = jax.jit(F.decode_embeddings)(model, emb, scale)
+    tiled_audio = tiling.decode_tiled(model, emb, scale)
     return (emb, audio), (tiled_emb, tiled_audio)
 
 
@@ -65,47 +64,35 @@ def test_tiles_match_other_architectures_to_float_rounding():
     np.testing.assert_allclose(np.asarray(tiled_audio), np.asarray(audio), rtol=0, atol=1e-6)
 
 
-def encode_decode_recording_rows(monkeypatch, codec: EncodecModel, x: np.ndarray):
-    """encode + decode of x, and the rows (chunks x batch) of every compiled call they made."""
-    rows = {"encode": [], "decode": []}
-    embed, decode = model_module._embed, model_module._decode
-
-    def recording_embed(m, chunks, mask):
-        rows["encode"].append(chunks.shape[0])
-        return embed(m, chunks, mask)
-
-    def recording_decode(m, embeddings, scales):
-        rows["decode"].append(embeddings.shape[0])
-        return decode(m, embeddings, scales)
-
-    monkeypatch.setattr(model_module, "_embed", recording_embed)
-    monkeypatch.setattr(model_module, "_decode", recording_decode)
-    enc = codec.encode(x, bandwidth=16.0)
-    audio = codec.decode(enc.audio_codes, enc.audio_scales, chunk_frames=enc.chunk_frames)
-    return enc, np.asarray(audio.audio_values), rows
-
-
 @pytest.mark.parametrize("max_rows", [7, 1])
-def test_chunk_groups_bound_rows_per_call_and_keep_the_result(monkeypatch, max_rows):
+def test_chunk_groups_bound_rows_per_call_and_keep_the_result(max_rows):
     """A long input of a chunked model runs its chunks a few at a time (memory bounded by
     `chunk_rows_per_call`, at least one chunk position of the batch per call): codes and scales
     are identical to all chunks at once, audio equal to float32 rounding."""
     codec = EncodecModel(CHUNKED_CONFIG, rngs=nnx.Rngs(0))
     x = 0.1 * np.random.default_rng(3).standard_normal((3, 2, 1013)).astype(np.float32)
-    codec.chunk_rows_per_call = None
-    ref_enc, ref_audio, ref_rows = encode_decode_recording_rows(monkeypatch, codec, x)
-    monkeypatch.undo()
-    codec.chunk_rows_per_call = max_rows
-    enc, audio, rows = encode_decode_recording_rows(monkeypatch, codec, x)
+    codec.settings = codec.settings.replace(chunk_rows_per_call=None)
+    ref_enc = codec.encode(x, bandwidth=16.0)
+    ref_audio = codec.decode(
+        ref_enc.audio_codes, ref_enc.audio_scales, chunk_frames=ref_enc.chunk_frames
+    )
+    codec.settings = codec.settings.replace(chunk_rows_per_call=max_rows)
+    enc = codec.encode(x, bandwidth=16.0)
+    audio = codec.decode(enc.audio_codes, enc.audio_scales, chunk_frames=enc.chunk_frames)
 
+    # the calls encode and decode make: chunks of one length together, rows bounded
+    bounds = ops.chunk_bounds(1013, CHUNKED_CONFIG.chunk_length, CHUNKED_CONFIG.chunk_stride)
     n_chunks = enc.audio_codes.shape[0]
-    assert n_chunks == 17 and ref_rows == {"encode": [48, 3], "decode": [48, 3]}
+    ref_rows = [3 * len(i) for _, i in ops.group_chunks(bounds, 3, None)]
+    rows = [3 * len(i) for _, i in ops.group_chunks(bounds, 3, max_rows)]
+    assert n_chunks == len(bounds) == 17 and ref_rows == [48, 3]
     per_call = 3 * max(1, max_rows // 3)  # 6 rows for 7, one chunk position (3 rows) for 1
-    for calls in rows.values():
-        assert max(calls) == per_call and sum(calls) == 3 * n_chunks
+    assert max(rows) == per_call and sum(rows) == 3 * n_chunks
     np.testing.assert_array_equal(np.asarray(enc.audio_codes), np.asarray(ref_enc.audio_codes))
     np.testing.assert_array_equal(np.stack(enc.audio_scales), np.stack(ref_enc.audio_scales))
-    np.testing.assert_allclose(audio, ref_audio, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(audio.audio_values), np.asarray(ref_audio.audio_values), rtol=0, atol=1e-6
+    )
 
 
 def test_plan_covers_every_frame_once():
