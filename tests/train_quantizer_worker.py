@@ -4,10 +4,11 @@ devices against one device, written to a JSON file for the parent to check.
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         python tests/train_quantizer_worker.py OUT.json CONFIG_NAME...
 
-Three steps on new batches (global batch 8 x 10 frames, one item per device), once under
+Three steps on new batches (global batch 8 x 10 frames, one item per device), under
 `jax.shard_map` with `axis_name` (the batch split over the devices, the state and the key
-replicated) and once under `jax.jit` with the batch sharded over a mesh and `axis_name=None`
-(XLA partitions the sums), each against the same steps on one device.
+replicated) on a 1-D mesh and on a 2 x 4 mesh with a tuple of axis names, and under `jax.jit`
+with the batch sharded over a mesh and `axis_name=None` (XLA partitions the sums), each against
+the same steps on one device.
 """
 
 from __future__ import annotations
@@ -41,31 +42,54 @@ def rel_error(got, want) -> float:
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
 
 
-def main(out_path: str, names: list[str]) -> None:
+def shard_mapped(config: Q.QuantizerConfig, shape: tuple[int, ...], axes: tuple[str, ...]):
+    """`quantize` under `shard_map` on a mesh of `shape`, the batch split over all its axes."""
+    auto = (jax.sharding.AxisType.Auto,) * len(axes)
+    mesh = jax.make_mesh(shape, axes, axis_types=auto)
+    axis_name = axes[0] if len(axes) == 1 else axes
+
+    def per_device(state, x, key):
+        out = Q.quantize(config, state, x, key, axis_name=axis_name)
+        penalty = lax.pmean(out.penalty, axis_name)  # equal shards: the global batch's mean
+        return out.quantized, out.codes, penalty, out.state, out.metrics
+
+    batch = P(axis_name)
+    return jax.jit(
+        jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(P(), batch, P()),
+            out_specs=(batch, batch, P(), P(), P()),
+        )
+    )
+
+
+def jit_over_mesh(config: Q.QuantizerConfig):
+    """`quantize` with `axis_name=None` under `jit`, the batch sharded over a mesh."""
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    fn = jax.jit(
+        lambda s, x, k: Q.quantize(config, s, x, k),
+        in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data")), None),
+    )
+
+    def call(state, x, key):
+        out = fn(state, x, key)
+        return out.quantized, out.codes, out.penalty, out.state, out.metrics
+
+    return call
+
+
+def main(out_path: str, names: list[str]) -> None:
     result = {"devices": jax.device_count(), "runs": {}}
     for name in names:
         config = CONFIGS[name]
         one = jax.jit(lambda s, x, k, c=config: Q.quantize(c, s, x, k))
-
-        def per_device(state, x, key, config=config):
-            out = Q.quantize(config, state, x, key, axis_name="data")
-            penalty = lax.pmean(out.penalty, "data")  # equal shards: the global batch's mean
-            return out.quantized, out.codes, penalty, out.state, out.metrics
-
-        sharded = jax.jit(
-            jax.shard_map(
-                per_device,
-                mesh=mesh,
-                in_specs=(P(), P("data"), P()),
-                out_specs=(P("data"), P("data"), P(), P(), P()),
-            )
-        )
-        meshed = jax.jit(
-            lambda s, x, k, c=config: Q.quantize(c, s, x, k),
-            in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data")), None),
-        )
-        states = {k: Q.init_state(config) for k in ("one", "shard_map", "jit")}
+        variants = {
+            "shard_map": shard_mapped(config, (8,), ("data",)),
+            "shard_map 2x4": shard_mapped(config, (2, 4), ("host", "chip")),
+            "jit": jit_over_mesh(config),
+        }
+        states = {k: Q.init_state(config) for k in ("one", *variants)}
         run = {"codes_equal": True, "n_q_equal": True, "rel_errors": {}, "n_q": [], "dead": []}
         for step in range(STEPS):
             x = np.random.default_rng(step).standard_normal((8, 10, 8)).astype(np.float32)
@@ -74,15 +98,10 @@ def main(out_path: str, names: list[str]) -> None:
             states["one"] = ref.state
             run["n_q"].append(int(ref.metrics["n_q"]))
             run["dead"].append(np.asarray(ref.metrics["dead_codes"]).tolist())
-            got_sm = sharded(states["shard_map"], jnp.asarray(x), key)
-            got_jit = meshed(states["jit"], jnp.asarray(x), key)
-            states["shard_map"], states["jit"] = got_sm[3], got_jit.state
-            assert len(got_sm[0].sharding.device_set) == 8
-            for label, quantized, codes, penalty, state, metrics in (
-                ("shard_map", *got_sm),
-                ("jit", got_jit.quantized, got_jit.codes, got_jit.penalty, got_jit.state,
-                 got_jit.metrics),
-            ):  # fmt: skip
+            for label, fn in variants.items():
+                quantized, codes, penalty, state, metrics = fn(states[label], jnp.asarray(x), key)
+                states[label] = state
+                assert len(quantized.sharding.device_set) == 8, label
                 run["codes_equal"] &= bool(np.array_equal(np.asarray(codes), ref.codes))
                 run["n_q_equal"] &= int(metrics["n_q"]) == run["n_q"][-1]
                 fields = dict(quantized=(quantized, ref.quantized), penalty=(penalty, ref.penalty))
@@ -91,8 +110,9 @@ def main(out_path: str, names: list[str]) -> None:
                 fields["usage"] = (metrics["usage"], ref.metrics["usage"])
                 errors = run["rel_errors"]
                 for field, (a, b) in fields.items():
-                    name_ = f"{label} {field}"
-                    errors[name_] = max(errors.get(name_, 0.0), rel_error(a, b))
+                    errors[f"{label} {field}"] = max(
+                        errors.get(f"{label} {field}", 0.0), rel_error(a, b)
+                    )
         result["runs"][name] = run
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)

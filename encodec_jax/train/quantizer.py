@@ -351,7 +351,8 @@ def quantize(
         kmeans_indices: `[n_q, bins]` int, rows of the flattened global batch (`b * T + t`)
             that start the k-means of each codebook initialised in this step, instead of the
             ones drawn from `key` (so that a test can start from the reference's vectors).
-        axis_name: the data-parallel axis name (inside `shard_map`), or None.
+        axis_name: the data-parallel axis name inside `shard_map` (or a tuple of names, as
+            `lax.psum` takes them, the batch split over them in that order), or None.
 
     Returns:
         `QuantizerOutput(quantized [B, T, D], codes [B, n_q, T], penalty [], state, metrics)`.
