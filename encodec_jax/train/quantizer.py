@@ -60,11 +60,12 @@ class QuantizerConfig:
         expiry: "faithful" reproduces audiocraft, where expiry has no effect (it writes
             replacement vectors into `embed`, which the EMA step then overwrites from
             `embed_avg`; encodec issue 61). "reset" makes it take effect: each expired code gets a
-            random vector `v` of the batch (that codebook's input), with `cluster_size = r`,
-            `embed_avg = r * v` and `embed = v`, where `r` is the mean of `cluster_size` over the
-            codebook before the reset (kyutai moshi's rule, its `replaced_usage_ratio` = 1), so the
-            EMA update that follows in the same step keeps `embed` close to `v` (exactly `v` up
-            to Laplace smoothing if no vector was assigned to the code in this step). With
+            random vector `v` of the batch (that codebook's input): `cluster_size = r` and
+            `embed_avg = r * v`, where `r` is the mean of `cluster_size` over the codebook
+            before the reset (kyutai moshi's rule, its `replaced_usage_ratio` = 1), so that the
+            EMA update that follows in the same step sets `embed` to `v` (up to the Laplace
+            smoothing, when no vector was assigned to the code in this step, which is what
+            makes a code expire). With
             `threshold_ema_dead_code` above the mean count per code (frames per global batch /
             bins; 3200 / 2048 = 1.56 for MusicGen's 32 kHz codec at batch 64), most codes are
             below it at any time and "reset" would replace them every step: lower it.
@@ -412,7 +413,7 @@ def quantize(
             picked = sample_indices(reset_key, num_global, bins)
             vectors = take_global_rows(samples, picked, axis_name)
             usage = jnp.mean(cluster_size)
-            embed = jnp.where(expired[:, None], vectors, embed)
+            # embed itself follows from these in the EMA step right below: ~= vectors.
             embed_avg = jnp.where(expired[:, None], usage * vectors, embed_avg)
             cluster_size = jnp.where(expired, usage, cluster_size)
         # "faithful": audiocraft's replacement is overwritten below, before anything reads it.
