@@ -20,6 +20,11 @@ and sums, the vectors sampled to start k-means or to replace expired codes) is r
 axis, so N devices compute the codebooks that one device computes for the same global batch. The
 sampled rows are indices into the global batch, drawn from the same key on every device, and
 each device contributes the rows it holds. Pass the same `key` to every device.
+audiocraft on several GPUs does otherwise: each worker runs k-means on its own shard and rank
+0's result is broadcast, and after each step `flashy.distrib.sync_model` averages the buffers
+over the workers, so its counts are per worker (the global count / workers, which shifts what
+`threshold_ema_dead_code` means) and the next step codes with the average of the workers'
+`embed` rather than `embed_avg / n` of the global statistics.
 """
 
 from __future__ import annotations
