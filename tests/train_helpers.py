@@ -70,3 +70,29 @@ def assert_close(actual, expected, rel: float, what: str = "") -> tuple[float, f
     assert np.all(np.isfinite(np.asarray(actual))), f"{what}: non-finite values"
     assert rel_err <= rel, f"{what}: max abs error {abs_err:.3e}, relative {rel_err:.3e} > {rel}"
     return abs_err, rel_err
+
+
+def make_reference_discriminator(seed: int = 0, **kwargs):
+    """audiocraft's `MultiScaleSTFTDiscriminator(**kwargs)` (weight norm through
+    `torch.nn.utils.weight_norm`, as audiocraft builds it) with every tensor moved away from its
+    initialisation: biases and directions get noise, magnitudes are rescaled, so `weight_g` is no
+    longer `||weight_v||` and a loader that ignored either would be caught."""
+    import warnings
+
+    import torch
+
+    from .audiocraft_reference import audiocraft
+
+    msstftd = audiocraft("adversarial.discriminators.msstftd")
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        model = msstftd.MultiScaleSTFTDiscriminator(**kwargs)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight_g"):
+                p.mul_(0.5 + torch.rand(p.shape, generator=gen))
+            else:
+                p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=gen))
+    return model.eval()
