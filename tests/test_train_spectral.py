@@ -143,6 +143,8 @@ def test_stft_gradient_at_silence_is_finite(power):
 def test_stft_rejects_short_signals_and_bad_settings():
     with pytest.raises(ValueError, match="shorter than one frame"):
         spectral.stft(jnp.zeros((1, 100)), 128, 32, center=False)
+    with pytest.raises(ValueError, match="reflect-pad"):  # torch refuses too
+        spectral.stft(jnp.zeros((1, 64)), 128, 32)
     with pytest.raises(ValueError, match="normalized"):
         spectral.stft(jnp.zeros((1, 1000)), 128, 32, normalized="energy")
     with pytest.raises(ValueError, match="window"):
