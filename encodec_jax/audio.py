@@ -40,9 +40,13 @@ def audio_info(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def load_audio(
-    path: str | os.PathLike, sample_rate: int, channels: int
+    path: str | os.PathLike,
+    sample_rate: int,
+    channels: int,
+    start: int = 0,
+    frames: int = -1,
 ) -> tuple[np.ndarray, list[str]]:
-    """Read an audio file as the model takes it.
+    """Read an audio file (or a window of it) as the model takes it.
 
     Stereo (or more) is mixed down to mono by averaging, mono is duplicated for stereo models,
     and files with more channels than a stereo model takes keep their first two (as the
@@ -52,6 +56,8 @@ def load_audio(
         path: any file libsndfile reads (wav, flac, ogg/vorbis/opus, mp3, aiff, ...).
         sample_rate: the model's sampling rate in Hz.
         channels: the model's channel count (1 or 2).
+        start, frames: the window to read, in the file's own frames (its sample rate): from
+            `start`, `frames` of them (-1: to the end). A window past the end is cut short.
 
     Returns:
         (audio `[channels, samples]` float32, notes): one note per conversion, e.g.
@@ -62,7 +68,9 @@ def load_audio(
     """
     _check_exists(path)
     try:
-        data, rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(
+            os.fspath(path), frames=frames, start=start, dtype="float32", always_2d=True
+        )
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
         raise AudioError(f"cannot read audio file {path}: {_reason(err)}") from None
     if data.shape[0] == 0:
