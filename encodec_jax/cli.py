@@ -287,6 +287,9 @@ def _train(args: argparse.Namespace) -> int:
     from .train.trainer import Trainer
 
     trainer = Trainer(config, args.out, progress=not args.no_progress)
+    for folder in (trainer.train_folder, trainer.valid_folder):
+        for path, reason in folder.skipped if folder is not None else ():
+            print(f"note: skipping {os.path.join(folder.root, path)}: {reason}")
     result = trainer.run()
     shown = ", ".join(
         f"{k} {result.metrics[k]:.4g}" for k in ("l1", "msspec") if k in result.metrics

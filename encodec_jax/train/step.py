@@ -54,7 +54,8 @@ class TrainState(NamedTuple):
         opt_state, disc_opt_state: the two optimizers' states.
         balancer: the balancer's running norm averages.
         ema: the model EMA over `(params, buffers)` (an empty tuple when off).
-        key: the PRNG key of the next step.
+        key: the PRNG key of the next step, as raw `uint32` data (`jax.random.key_data`), so
+            that a checkpoint holds plain arrays.
     """
 
     step: jax.Array
@@ -151,7 +152,7 @@ def build(config: TrainConfig, model: EncodecModel, key: jax.Array) -> tuple[Par
         disc_opt_state=parts.disc_optimizer.init(disc_params),
         balancer=balancing.init_balancer(balancer),
         ema=ema_init((params, buffers)) if config.optim.ema_decay else (),
-        key=state_key,
+        key=jax.random.key_data(state_key),
     )
     # Fresh buffers for every leaf: initialisers share arrays (zeros), which a donated state
     # must not.
@@ -227,7 +228,7 @@ def train_step(
     choice of codebooks (for tests). Returns the new state and scalar metrics."""
     config = parts.config
     sample_rate = parts.model(state.params, state.buffers).config.sampling_rate
-    key, q_key, disc_key = jax.random.split(state.key, 3)
+    key, q_key, disc_key = jax.random.split(jax.random.wrap_key_data(state.key), 3)
 
     (y_pred, penalty), backward, qout = jax.vjp(
         lambda p: generator(parts, p, state.buffers, audio, q_key, n_q),
@@ -313,7 +314,7 @@ def train_step(
         disc_opt_state=disc_opt_state,
         balancer=balanced.state,
         ema=ema,
-        key=key,
+        key=jax.random.key_data(key),
     )
     return new_state, metrics
 

@@ -86,6 +86,7 @@ class Trainer:
         progress: bool = True,
         devices: list | None = None,
     ):
+        _check_training_dependencies()
         if config.data.train is None:
             raise TrainConfigError("no training data: give a folder of audio (--data)")
         self.config = config
@@ -104,6 +105,7 @@ class Trainer:
         self.valid_folder = (
             data_module.AudioFolder.scan(config.data.valid) if config.data.valid else None
         )
+        self.model = self._initial_model()
 
     # ---- setup ----
     def _check_resumable(self) -> None:
@@ -156,7 +158,7 @@ class Trainer:
         if primary:
             self.out.mkdir(parents=True, exist_ok=True)
             config.to_yaml_file(self.out / CONFIG_NAME)
-        model = self._initial_model()
+        model = self.model
         mesh = Mesh(np.array(self.devices), ("data",))
         replicated = NamedSharding(mesh, PartitionSpec())
         batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -319,6 +321,24 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, **kwargs) -> TrainRes
 
 
 # ---- helpers ----
+def _check_training_dependencies() -> None:
+    import importlib.util
+
+    missing = [
+        package
+        for module, package in (
+            ("orbax.checkpoint", "orbax-checkpoint"),
+            ("grain", "grain"),
+            ("tensorboardX", "tensorboardX"),
+        )
+        if importlib.util.find_spec(module.split(".")[0]) is None
+    ]
+    if missing:
+        raise TrainConfigError(
+            f"training needs {', '.join(missing)}: pip install 'encodec-jax[train]'"
+        )
+
+
 def _weights(state) -> tuple[Any, Any]:
     """The weights to validate and export: the EMA's when the run keeps one."""
     if isinstance(state.ema, tuple) and not state.ema:
