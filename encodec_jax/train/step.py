@@ -255,10 +255,13 @@ def train_step(
             return (*carry, jnp.zeros((), jnp.float32))
 
         every = config.adversarial.every
-        train_disc = jax.random.uniform(disc_key) <= 1.0 / every
-        disc_params, disc_opt_state, d_loss = lax.cond(
-            train_disc, disc_update, no_update, (disc_params, disc_opt_state)
-        )
+        if every == 1:  # every step (audiocraft's default): no branch in the program
+            disc_params, disc_opt_state, d_loss = disc_update((disc_params, disc_opt_state))
+        else:
+            train_disc = jax.random.uniform(disc_key) <= 1.0 / every
+            disc_params, disc_opt_state, d_loss = lax.cond(
+                train_disc, disc_update, no_update, (disc_params, disc_opt_state)
+            )
         metrics["d_msstftd"] = metrics["d_loss"] = d_loss
 
     def balanced_losses(y):
