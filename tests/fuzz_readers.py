@@ -189,6 +189,16 @@ def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
     return out
 
 
+def _get(doc: Any, path: tuple) -> Any:
+    for key in path:
+        doc = doc[key]
+    return doc
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _edit(doc: Any, path: tuple, action: str, value: Any) -> Any:
     """A copy of `doc` with the node at `path` set, deleted or its key duplicated."""
     doc = json.loads(json.dumps(doc))
@@ -207,9 +217,17 @@ def _edit(doc: Any, path: tuple, action: str, value: Any) -> Any:
     return doc
 
 
+# Lengths, counts and shapes a file claims: the values that ask a reader to allocate.
+CLAIMS = st.sampled_from([0, -1, 2**31, 2**32 + 1, 10**9, 10**12, 2**63, 10**30])
+
+
 @st.composite
 def _document_edit(draw, doc: Any) -> Any:
-    path = draw(st.sampled_from(_paths(doc)))
+    paths = _paths(doc)
+    numbers = [p for p in paths if _is_count(_get(doc, p))]
+    if numbers and draw(st.booleans()):
+        return _edit(doc, draw(st.sampled_from(numbers)), "set", draw(CLAIMS))
+    path = draw(st.sampled_from(paths))
     action = draw(st.sampled_from(["set", "set", "delete", "duplicate"]))
     return _edit(doc, path, action, draw(HOSTILE))
 

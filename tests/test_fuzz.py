@@ -19,7 +19,7 @@ import pytest
 from .fuzz_readers import READERS
 
 DEFAULT_EXAMPLES = 200
-SLOW_EXAMPLES = 5000
+SLOW_EXAMPLES = 3000
 ROOT = Path(__file__).resolve().parent.parent
 
 
