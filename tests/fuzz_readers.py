@@ -359,7 +359,9 @@ def fuzz(reader: Reader, examples: int) -> dict:
                 assert message.strip(), f"{kind} without a message"
                 assert "\n" not in message.strip(), f"{kind} message of several lines: {message}"
                 lowered = message.lower()
-                assert "allocat" not in lowered and "out of memory" not in lowered, (
+                # Under the memory limit, an allocation a claim asked for fails; a reader that
+                # wraps the failure still says so ("Unable to allocate", "alloc_cpu.cpp").
+                assert "alloc" not in lowered and "memory" not in lowered, (
                     f"{kind} from a failed allocation: {message}"
                 )
             finally:
