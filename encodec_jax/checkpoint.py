@@ -268,7 +268,14 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict:
 def _check_torch_zip(path) -> None:
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError, struct.error, ValueError) as err:
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        EOFError,
+        struct.error,
+        ValueError,
+        NotImplementedError,
+    ) as err:
         # ValueError: a member name that is not UTF-8 though flagged so, a negative offset.
         raise ValueError(f"Cannot read {path}: corrupt zip archive ({err})") from None
     with archive:
@@ -328,8 +335,9 @@ class _StorageScan(pickle.Unpickler):
         if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
             kind, key, numel = pid[1], pid[2], pid[4]
             itemsize = _STORAGE_ITEMSIZE.get(getattr(kind, "name", ""), 16)
-            if isinstance(numel, int):
-                self.storages[str(key)] = max(0, numel) * itemsize
+            if not isinstance(numel, int) or numel < 0:
+                raise ValueError(f"a storage claims {numel!r} elements")
+            self.storages[str(key)] = numel * itemsize
         return _Name()
 
 

@@ -199,7 +199,7 @@ def check_codes_fit(codes: Codes, config: EncodecConfig, model: str) -> None:
         problems.append("scales " + ("present" if codes.audio_scales is not None else "missing"))
     # The chunk count in O(1) first: the list of expected chunk frames has one entry per chunk,
     # and a damaged file may claim any number of samples.
-    chunks = len(range(0, codes.num_samples, config.chunk_stride or codes.num_samples))
+    chunks = -(-codes.num_samples // (config.chunk_stride or codes.num_samples))
     if not problems and chunks != len(codes.chunk_frames):
         problems.append(
             f"{len(codes.chunk_frames)} chunk(s), model {chunks} for {codes.num_samples} samples"
@@ -319,7 +319,15 @@ def read_npz(f: IO[bytes], name: str = "codes file") -> Codes:
             }
     except CodesError:
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, struct.error) as err:
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        ValueError,
+        struct.error,
+        NotImplementedError,  # a zip version zipfile does not read
+    ) as err:
         raise CodesError(f"cannot read codes file {name}: not a valid .npz ({err})") from None
     form = arrays.get("format")
     if form is None or form.shape != () or form.dtype.kind != "U" or str(form) != FORMAT_NAME:
@@ -515,7 +523,7 @@ def read_ecdc(f: IO[bytes], name: str = "codes file") -> Codes:
     # Chunks cover every sample, so the codes take at least this many bytes. Checked before the
     # chunk list (one entry per chunk) and the code array are made: the header may claim any
     # length.
-    chunks = len(range(0, length, config.chunk_stride or length))
+    chunks = -(-length // (config.chunk_stride or length))
     least = math.ceil(ops.num_frames(length, config.hop_length) * n_q * bits / 8)
     least += _ECDC_SCALE.size * chunks if config.normalize else 0
     if least > payload:
