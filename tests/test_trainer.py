@@ -153,8 +153,8 @@ KILLER = textwrap.dedent(
         def killing_make_step(parts):
             step_fn, calls = make_step(parts), [0]
 
-            def wrapped(state, batch):
-                out = step_fn(state, batch)
+            def wrapped(state, batch, step):
+                out = step_fn(state, batch, step)
                 calls[0] += 1
                 if calls[0] == n:
                     os.kill(os.getpid(), signal.SIGKILL)
