@@ -6,8 +6,12 @@
 For each published architecture (random weights: speed does not depend on their values) it
 times encode (SEANet encoder + quantizer, at the largest bandwidth) and decode, interleaving the
 two implementations repeat by repeat, and prints medians as x realtime (seconds of audio per
-second), the ratio to transformers, encodec-jax's first-call (compile) time, the peak resident
-memory of each implementation (measured in a fresh child process each), and the share of this
+second), the ratio to transformers, and, when `onnxruntime` imports (`pip install
+encodec-jax[benchmarks]`), to ONNX Runtime fp32 running transformers' model exported with
+`torch.onnx.export` (encode and decode as two graphs, opset 17, all graph optimisations, 2
+intra-op threads like torch's), checking that all three give the same codes; encodec-jax's
+first-call (compile) time, the peak resident memory of each implementation (measured in a fresh
+child process each), and the share of this
 machine's measured float32 matmul rate that the compiled encoder reaches (its FLOPs from XLA's
 cost analysis over its time). Timings on shared machines are noisy: compare ratios measured in
 the same run, never absolute numbers across runs.
@@ -87,6 +91,118 @@ def run_torch(model, x: np.ndarray, bandwidth: float):
     return mid - start, time.perf_counter() - mid
 
 
+class _EncodeForOnnx:
+    """transformers' encode as a module with tensor outputs: codes `[chunks, B, n_q, frames]`,
+    and for the normalising (48 kHz) model the scales `[chunks, B, 1]`."""
+
+    def __new__(cls, model, bandwidth: float):
+        import torch
+
+        class Encode(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, x):
+                codes, scales, _ = self.model.encode(x, bandwidth=bandwidth, return_dict=False)
+                if scales[0] is None:
+                    return codes
+                return codes, torch.stack(scales)
+
+        return Encode().eval()
+
+
+class _DecodeForOnnx:
+    """transformers' decode as a module of tensors (codes, and scales where the model has them)."""
+
+    def __new__(cls, model, last_frame_pad_length: int):
+        import torch
+
+        class Decode(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, codes, scales=None):
+                scales = [None] if scales is None else list(scales)
+                return self.model.decode(
+                    codes, scales, last_frame_pad_length=last_frame_pad_length, return_dict=False
+                )[0]
+
+        return Decode().eval()
+
+
+def export_onnx(model, x: np.ndarray, bandwidth: float, directory: Path) -> bool:
+    """Export transformers' encode and decode to `directory` (encode.onnx, decode.onnx) at this
+    input's shape; False when onnxruntime or onnx is missing."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    import warnings
+
+    import torch
+
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        codes, scales, pad = model.encode(xt, bandwidth=bandwidth, return_dict=False)
+    decode_args = (codes,) if scales[0] is None else (codes, torch.stack(scales))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter: it traces the chunk loop at this shape and emits ONNX's LSTM
+        # operator, ONNX Runtime's own LSTM kernel.
+        torch.onnx.export(
+            _EncodeForOnnx(model, bandwidth),
+            (xt,),
+            str(directory / "encode.onnx"),
+            opset_version=17,
+            dynamo=False,
+        )
+        torch.onnx.export(
+            _DecodeForOnnx(model, pad),
+            decode_args,
+            str(directory / "decode.onnx"),
+            opset_version=17,
+            dynamo=False,
+        )
+    return True
+
+
+class OrtCodec:
+    """ONNX Runtime sessions for the exported encode and decode (fp32, CPU)."""
+
+    def __init__(self, directory: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = 2
+        options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        self.encoder = ort.InferenceSession(
+            str(directory / "encode.onnx"), options, providers=providers
+        )
+        self.decoder = ort.InferenceSession(
+            str(directory / "decode.onnx"), options, providers=providers
+        )
+
+    def encode(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.encoder.run(None, {self.encoder.get_inputs()[0].name: x})
+
+    def decode(self, encoded: list[np.ndarray]) -> np.ndarray:
+        names = [i.name for i in self.decoder.get_inputs()]
+        return self.decoder.run(None, dict(zip(names, encoded, strict=True)))[0]
+
+
+def run_ort(codec: OrtCodec, x: np.ndarray):
+    start = time.perf_counter()
+    encoded = codec.encode(x)
+    mid = time.perf_counter()
+    codec.decode(encoded)
+    return mid - start, time.perf_counter() - mid
+
+
 def encoder_flops(model, x: np.ndarray) -> float:
     """FLOPs of the compiled encoder program for this input, from XLA's cost analysis."""
     import jax
@@ -132,6 +248,8 @@ def _memory_child(impl: str, name: str, batch: int, seconds: float, directory: s
     bandwidth = config.target_bandwidths[-1]
     if impl == "jax":
         run_jax(encodec_jax.EncodecModel.from_pretrained(directory), x, bandwidth)
+    elif impl == "ort":
+        run_ort(OrtCodec(Path(directory)), x)
     else:
         import transformers
 
@@ -154,43 +272,82 @@ def bench(name: str, batch: int, seconds: float, repeats: int, rate: float) -> d
         run_jax(model, x, bandwidth)
         first_call = time.perf_counter() - start
         run_torch(reference, x, bandwidth)  # warm-up
-        jax_enc, jax_dec, torch_enc, torch_dec = [], [], [], []
+        ort_codec = None
+        if export_onnx(reference, x, bandwidth, Path(tmp)):
+            ort_codec = OrtCodec(Path(tmp))
+            codes_identical = _same_codes(model, reference, ort_codec, x, bandwidth)
+            run_ort(ort_codec, x)  # warm-up
+        times = {"jax": ([], []), "torch": ([], []), "ort": ([], [])}
         for _ in range(repeats):
-            e, d = run_jax(model, x, bandwidth)
-            jax_enc.append(e)
-            jax_dec.append(d)
-            e, d = run_torch(reference, x, bandwidth)
-            torch_enc.append(e)
-            torch_dec.append(d)
+            for impl, run in (
+                ("jax", lambda: run_jax(model, x, bandwidth)),
+                ("torch", lambda: run_torch(reference, x, bandwidth)),
+                ("ort", (lambda: run_ort(ort_codec, x)) if ort_codec else None),
+            ):
+                if run is not None:
+                    e, d = run()
+                    times[impl][0].append(e)
+                    times[impl][1].append(d)
         flops = encoder_flops(model, x)
         import jax
 
         from encodec_jax import functional
 
         embed = jax.jit(functional.embed)
-        times = []
+        embed_times = []
         for _ in range(repeats):
             start = time.perf_counter()
             embed(model, x)[0].block_until_ready()
-            times.append(time.perf_counter() - start)
-        memory_jax = peak_memory("jax", name, batch, seconds, tmp)
-        memory_torch = peak_memory("torch", name, batch, seconds, tmp)
+            embed_times.append(time.perf_counter() - start)
+        memory = {
+            impl: peak_memory(impl, name, batch, seconds, tmp)
+            for impl in ("jax", "torch", "ort")
+            if impl != "ort" or ort_codec
+        }
     audio_seconds = batch * seconds
     med = statistics.median
-    return {
+    jax_enc, jax_dec = (med(t) for t in times["jax"])
+    torch_enc, torch_dec = (med(t) for t in times["torch"])
+    result = {
         "model": name,
         "batch": f"{batch} x {seconds:g} s",
-        "encode_x_realtime": audio_seconds / med(jax_enc),
-        "encode_ratio": med(torch_enc) / med(jax_enc),
-        "decode_x_realtime": audio_seconds / med(jax_dec),
-        "decode_ratio": med(torch_dec) / med(jax_dec),
-        "transformers_encode_x_realtime": audio_seconds / med(torch_enc),
-        "transformers_decode_x_realtime": audio_seconds / med(torch_dec),
+        "encode_x_realtime": audio_seconds / jax_enc,
+        "encode_ratio": torch_enc / jax_enc,
+        "decode_x_realtime": audio_seconds / jax_dec,
+        "decode_ratio": torch_dec / jax_dec,
+        "transformers_encode_x_realtime": audio_seconds / torch_enc,
+        "transformers_decode_x_realtime": audio_seconds / torch_dec,
         "first_call_s": first_call,
-        "peak_mem_gib": memory_jax,
-        "transformers_peak_mem_gib": memory_torch,
-        "encoder_matmul_share": flops / med(times) / rate,
+        "peak_mem_gib": memory["jax"],
+        "transformers_peak_mem_gib": memory["torch"],
+        "encoder_matmul_share": flops / med(embed_times) / rate,
     }
+    if ort_codec:
+        ort_enc, ort_dec = (med(t) for t in times["ort"])
+        result.update(
+            ort_encode_x_realtime=audio_seconds / ort_enc,
+            ort_decode_x_realtime=audio_seconds / ort_dec,
+            encode_ratio_ort=ort_enc / jax_enc,
+            decode_ratio_ort=ort_dec / jax_dec,
+            ort_peak_mem_gib=memory["ort"],
+            codes_identical=codes_identical,
+        )
+    return result
+
+
+def _same_codes(model, reference, ort_codec: OrtCodec, x: np.ndarray, bandwidth: float) -> bool:
+    """Whether encodec-jax, transformers and ONNX Runtime give the same codes for `x`."""
+    import torch
+
+    jax_codes = np.asarray(model.encode(x, bandwidth=bandwidth).audio_codes)
+    with torch.no_grad():
+        torch_codes = reference.encode(torch.from_numpy(x), bandwidth=bandwidth)[0].numpy()
+    ort_codes = ort_codec.encode(x)[0]
+    return bool(
+        jax_codes.shape == torch_codes.shape == ort_codes.shape
+        and (jax_codes == torch_codes).all()
+        and (ort_codes == torch_codes).all()
+    )
 
 
 def main() -> None:
@@ -211,12 +368,20 @@ def main() -> None:
     if args.memory_only:
         for name in args.models:
             with tempfile.TemporaryDirectory() as tmp:
-                build_pair(name, Path(tmp))
+                config, reference, _ = build_pair(name, Path(tmp))
+                x = _audio(args.batch, config, args.seconds)
+                has_ort = export_onnx(reference, x, config.target_bandwidths[-1], Path(tmp))
                 jax_gib = peak_memory("jax", name, args.batch, args.seconds, tmp)
                 torch_gib = peak_memory("torch", name, args.batch, args.seconds, tmp)
+                ort = (
+                    f", ONNX Runtime {peak_memory('ort', name, args.batch, args.seconds, tmp):.2f}"
+                    " GiB"
+                    if has_ort
+                    else ""
+                )
             print(
                 f"{name} {args.batch} x {args.seconds:g} s: peak memory encodec-jax "
-                f"{jax_gib:.2f} GiB, transformers {torch_gib:.2f} GiB",
+                f"{jax_gib:.2f} GiB, transformers {torch_gib:.2f} GiB{ort}",
                 flush=True,
             )
         return
@@ -231,7 +396,8 @@ def main() -> None:
     header = (
         f"{'model':7} {'batch':10} {'enc xRT':>8} {'vs HF':>6} {'dec xRT':>8} {'vs HF':>6} "
         f"{'HF enc':>7} {'HF dec':>7} {'compile s':>9} {'mem GiB':>7} {'HF GiB':>6} "
-        f"{'matmul %':>8}"
+        f"{'matmul %':>8} {'ORT enc':>7} {'vs ORT':>6} {'ORT dec':>7} {'vs ORT':>6} "
+        f"{'ORT GiB':>7} codes"
     )
     print(header)
     results = []
@@ -244,7 +410,15 @@ def main() -> None:
             f"{r['transformers_encode_x_realtime']:7.1f} "
             f"{r['transformers_decode_x_realtime']:7.1f} {r['first_call_s']:9.1f} "
             f"{r['peak_mem_gib']:7.2f} {r['transformers_peak_mem_gib']:6.2f} "
-            f"{100 * r['encoder_matmul_share']:7.0f}%",
+            f"{100 * r['encoder_matmul_share']:7.0f}%"
+            + (
+                f" {r['ort_encode_x_realtime']:7.1f} {r['encode_ratio_ort']:5.2f}x "
+                f"{r['ort_decode_x_realtime']:7.1f} {r['decode_ratio_ort']:5.2f}x "
+                f"{r['ort_peak_mem_gib']:7.2f} "
+                f"{'identical' if r['codes_identical'] else 'DIFFER'}"
+                if "ort_encode_x_realtime" in r
+                else ""
+            ),
             flush=True,
         )
     if args.json:

@@ -1,0 +1,119 @@
+"""The 2-layer LSTM alone: encodec-jax against ONNX Runtime's LSTM kernel and torch's `nn.LSTM`.
+
+    python benchmarks/lstm_benchmark.py [--hidden 512 1024] [--batch 1 4 8 16] [--steps 500]
+        [--repeats 5]
+
+Same random weights in all three, a `[B, T, C]` input of `--steps` frames (500: 10 s at the 50 Hz
+frame rate of the 32 kHz model), both layers including their input projections, 2 threads
+everywhere (torch.set_num_threads, ORT's intra-op threads; XLA uses the machine's 2 cores).
+Prints median seconds per call and the
+largest difference from torch's output. ONNX Runtime is skipped when `onnxruntime` or `onnx`
+does not import (`pip install encodec-jax[benchmarks]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+def median_time(fn, *args, repeats: int) -> float:
+    fn(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def jax_call(fn, *args):
+    return fn(*args).block_until_ready()
+
+
+def ort_session(module, example, path: Path):
+    """An ONNX Runtime session for `module` exported at `example`'s shape (opset 17, all graph
+    optimisations, 2 intra-op threads), or None without onnxruntime."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, str(path), opset_version=17, dynamo=True, verbose=False)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = 2
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", nargs="+", type=int, default=[512, 1024])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 4, 8, 16])
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from encodec_jax import ops
+
+    torch.set_num_threads(2)
+
+    @jax.jit
+    def ours(x, params):
+        for layer in params:
+            x = ops.lstm_layer(x, *layer)
+        return x
+
+    print(
+        f"{'hidden':>6} {'batch':>5} {'jax s':>7} {'ORT s':>7} {'torch s':>7} "
+        f"{'ORT/jax':>7} {'torch/jax':>9} {'max |jax - torch|':>17}"
+    )
+    for hidden in args.hidden:
+        torch.manual_seed(0)
+        lstm = torch.nn.LSTM(hidden, hidden, 2, batch_first=True).eval()
+        params = [
+            tuple(
+                jnp.asarray(getattr(lstm, f"{n}_l{i}").detach().numpy())
+                for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            )
+            for i in range(2)
+        ]
+        for batch in args.batch:
+            x = 0.1 * torch.randn(batch, args.steps, hidden)
+            xj = jnp.asarray(x.numpy())
+            with torch.no_grad():
+                expected = lstm(x)[0].numpy()
+            got = np.asarray(ours(xj, params))
+            t_jax = median_time(jax_call, ours, xj, params, repeats=args.repeats)
+            with torch.no_grad():
+                t_torch = median_time(lstm, x, repeats=args.repeats)
+            with tempfile.TemporaryDirectory() as tmp:
+                session = ort_session(lstm, (x,), Path(tmp) / "lstm.onnx")
+                t_ort = float("nan")
+                if session is not None:
+                    feed = {session.get_inputs()[0].name: x.numpy()}
+                    t_ort = median_time(session.run, None, feed, repeats=args.repeats)
+            print(
+                f"{hidden:6} {batch:5} {t_jax:7.3f} {t_ort:7.3f} {t_torch:7.3f} "
+                f"{t_ort / t_jax:6.2f}x {t_torch / t_jax:8.2f}x "
+                f"{float(np.max(np.abs(got - expected))):17.2e}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
