@@ -218,11 +218,12 @@ def _recurrent_product(batch: int, w_hh_t: jax.Array):
 
     At batch 1 a matrix-vector product of the `[4H, H]` weight (rows contiguous along the
     contraction, XLA's tiled gemv) takes 0.12 ms per step at 1024 units against 0.15-0.23 ms for
-    `h @ w_hh_t` (512 units: 0.037 against 0.038-0.053 ms); at batch 2 and 4 it is 1.8-2.2x slower
-    than the dot, which wins from there on (`benchmarks/RESULTS.md`, "LSTM alone"). The forms sum
-    in different orders (outputs differ by ~4e-7), so the choice is made once per traced shape and
-    a batch always gets the same numbers. Other forms measured and rejected there: multiply-reduce
-    (XLA now rewrites it into the same dot), the weight in column tiles, split contractions.
+    `h @ w_hh_t` (512 units: 0.037 against 0.038-0.053 ms); at batch 2 and 4 it is 1.8-2.2x
+    slower than the dot, which wins from there on (`benchmarks/RESULTS.md`, "The recurrent
+    product: forms measured"). The forms sum in different orders (outputs differ by ~4e-7), so
+    the choice is made once per traced shape and a batch always gets the same numbers. Other
+    forms measured and rejected there: multiply-reduce (XLA now rewrites it into the same dot),
+    the weight in column tiles, split contractions.
     """
     if batch == 1:
         w_hh = w_hh_t.T  # [4H, H]; loop-invariant, and transpose(transpose(w)) folds away

@@ -306,9 +306,10 @@ def test_group_norm_matches_torch():
 
 
 @needs_torch
-def test_two_lstm_layers_match_torch_lstm():
+@pytest.mark.parametrize("batch", [1, 2])  # the recurrent product's two forms (_recurrent_product)
+def test_two_lstm_layers_match_torch_lstm(batch):
     torch.manual_seed(0)
-    channels, steps, batch = 16, 12, 2
+    channels, steps = 16, 12
     lstm = nn.LSTM(channels, channels, 2)
     x = _randn(_rng(), steps, batch, channels)  # PyTorch layout [T, B, C]
     with torch.no_grad():
