@@ -4,9 +4,9 @@
         [--repeats 5]
 
 For each published architecture (random weights: speed does not depend on their values) it
-times encode (SEANet encoder + quantizer, at the largest bandwidth) and decode, interleaving the
-two implementations repeat by repeat, and prints medians as x realtime (seconds of audio per
-second), the ratio to transformers, and, when `onnxruntime` imports (`pip install
+times encode (SEANet encoder + quantizer, at the largest bandwidth) and decode, each implementation
+in its own block of repeats after a warm-up call, and prints medians as x realtime (seconds of
+audio per second), the ratio to transformers, and, when `onnxruntime` imports (`pip install
 encodec-jax[benchmarks]`), to ONNX Runtime fp32 running transformers' model exported with
 `torch.onnx.export` (encode and decode as two graphs, opset 17, all graph optimisations, 2
 intra-op threads like torch's), checking that all three give the same codes; encodec-jax's
@@ -271,23 +271,27 @@ def bench(name: str, batch: int, seconds: float, repeats: int, rate: float) -> d
         start = time.perf_counter()
         run_jax(model, x, bandwidth)
         first_call = time.perf_counter() - start
-        run_torch(reference, x, bandwidth)  # warm-up
         ort_codec = None
         if export_onnx(reference, x, bandwidth, Path(tmp)):
             ort_codec = OrtCodec(Path(tmp))
             codes_identical = _same_codes(model, reference, ort_codec, x, bandwidth)
-            run_ort(ort_codec, x)  # warm-up
+        # Each implementation timed in its own block after a warm-up call, not interleaved
+        # repeat by repeat: the first encodec-jax call after an ONNX Runtime run measured 1.7-2x
+        # slower than the next one (32 kHz, 4 x 10 s: 3.3-3.9 s, then 1.7-2.2 s), ONNX Runtime's
+        # pool threads and freed arenas disturbing whoever runs next in the process.
         times = {"jax": ([], []), "torch": ([], []), "ort": ([], [])}
-        for _ in range(repeats):
-            for impl, run in (
-                ("jax", lambda: run_jax(model, x, bandwidth)),
-                ("torch", lambda: run_torch(reference, x, bandwidth)),
-                ("ort", (lambda: run_ort(ort_codec, x)) if ort_codec else None),
-            ):
-                if run is not None:
-                    e, d = run()
-                    times[impl][0].append(e)
-                    times[impl][1].append(d)
+        for impl, run, args in (
+            ("jax", run_jax, (model, x, bandwidth)),
+            ("torch", run_torch, (reference, x, bandwidth)),
+            ("ort", run_ort, (ort_codec, x)),
+        ):
+            if impl == "ort" and ort_codec is None:
+                continue
+            run(*args)  # warm-up
+            for _ in range(repeats):
+                e, d = run(*args)
+                times[impl][0].append(e)
+                times[impl][1].append(d)
         flops = encoder_flops(model, x)
         import jax
 
