@@ -102,6 +102,28 @@ def conv1d(
     return y + bias
 
 
+def conv_matrix(weight: jax.Array) -> jax.Array:
+    """A `Conv1d` weight `[Cout, Cin, K]` as the matrix `[K * Cin, Cout]` of `conv1d_matmul`."""
+    c_out, c_in, kernel = weight.shape
+    return weight.transpose(2, 1, 0).reshape(kernel * c_in, c_out)
+
+
+def conv1d_matmul(
+    x: jax.Array, matrix: jax.Array, bias: jax.Array, kernel: int, stride: int, dilation: int
+) -> jax.Array:
+    """VALID 1-D convolution as one matmul over the stacked taps: x `[B, T, Cin]`, matrix
+    `[K * Cin, Cout]` (`conv_matrix`) -> `[B, T', Cout]`. For few output steps (streaming) with
+    the matrix laid out once, this reads each weight once per call; XLA's convolution re-lays
+    out its kernel on every call, which dominates a call of a few steps."""
+    steps = (x.shape[1] - (kernel - 1) * dilation - 1) // stride + 1
+    taps = [
+        lax.slice_in_dim(x, k * dilation, k * dilation + (steps - 1) * stride + 1, stride, axis=1)
+        for k in range(kernel)
+    ]
+    columns = taps[0] if kernel == 1 else jnp.concatenate(taps, axis=-1)
+    return columns @ matrix + bias
+
+
 def conv_transpose1d(x: jax.Array, weight: jax.Array, bias: jax.Array, stride: int) -> jax.Array:
     """Full (untrimmed) transposed convolution. x: `[B, T, Cin]`; weight: `[Cin, Cout, K]`.
 
@@ -165,6 +187,24 @@ def transpose_blocks_summed(x: jax.Array, w: jax.Array) -> jax.Array:
     return out
 
 
+def transpose_blocks_valid(x: jax.Array, w: jax.Array) -> jax.Array:
+    """The output blocks whose inputs all lie in `x`: block t (t = blocks - 1 ... T - 1) is the sum
+    over k of `x[t - k] @ w[k]`, `[B, T - blocks + 1, width]`. Streaming calls it with the
+    previous `blocks - 1` inputs in front of a chunk. Same arithmetic as `conv_transpose1d`: one
+    matmul over the stacked shifted inputs where blocks are wide, else one per block, summed in
+    block order."""
+    blocks, c_in, width = w.shape
+    steps = x.shape[1] - blocks + 1
+    shifted = [x[:, blocks - 1 - k : blocks - 1 - k + steps] for k in range(blocks)]
+    if width >= _STACKED_TRANSPOSE_MIN_WIDTH:
+        return jnp.concatenate(shifted, axis=-1) @ w.reshape(blocks * c_in, width)
+    out = None
+    for k in range(blocks):
+        y = shifted[k] @ w[k]
+        out = y if out is None else out + y
+    return out
+
+
 def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-5) -> jax.Array:
     """GroupNorm with a single group over `[B, T, C]`: statistics over time and channels."""
     mean = jnp.mean(x, axis=(1, 2), keepdims=True)
@@ -175,22 +215,35 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-
 def lstm_layer(
     x: jax.Array, w_ih: jax.Array, w_hh: jax.Array, b_ih: jax.Array, b_hh: jax.Array
 ) -> jax.Array:
-    """One unidirectional LSTM layer over `[B, T, C]` from a zero state, PyTorch gate order i,f,g,o.
+    """One unidirectional LSTM layer over `[B, T, C]` from a zero state, PyTorch gate order
+    i, f, g, o."""
+    zeros = jnp.zeros((x.shape[0], w_hh.shape[1]), x.dtype)
+    return lstm_scan(x, w_ih.T, w_hh.T, b_ih + b_hh, (zeros, zeros))[0]
+
+
+def lstm_scan(
+    x: jax.Array,
+    w_ih_t: jax.Array,
+    w_hh_t: jax.Array,
+    bias: jax.Array,
+    state: tuple[jax.Array, jax.Array],
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One LSTM layer over `[B, T, C]` from `state` = (h, c), each `[B, H]`, with the weights
+    transposed (`w_ih_t` `[C, 4H]`, `w_hh_t` `[H, 4H]`) and the two biases summed: (outputs
+    `[B, T, H]`, final (h, c)). Streaming carries the final state into the next chunk, with the
+    weights transposed once.
 
     The input projection does not depend on the recurrence, so it is one large matmul outside the
-    scan; only `h @ w_hh.T` stays inside the loop.
+    scan; only `h @ w_hh_t` stays inside the loop.
     """
-    hidden = w_hh.shape[1]
-    projected = x @ w_ih.T + (b_ih + b_hh)  # [B, T, 4H]
-    w_hh_t = w_hh.T
+    projected = x @ w_ih_t + bias  # [B, T, 4H]
 
     def step(carry, gates_x):
         h, c = lstm_cell(gates_x + carry[0] @ w_hh_t, carry[1])
         return (h, c), h
 
-    zeros = jnp.zeros((x.shape[0], hidden), x.dtype)
-    _, hs = lax.scan(step, (zeros, zeros), projected.swapaxes(0, 1))
-    return hs.swapaxes(0, 1)
+    state, hs = lax.scan(step, state, projected.swapaxes(0, 1))
+    return hs.swapaxes(0, 1), state
 
 
 def lstm_cell(gates: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
