@@ -172,6 +172,9 @@ def prepare(model: EncodecModel | StreamingModel) -> StreamingModel:
         w = stream_layers.weights(layers, p)
         return jax.tree.map(lambda a: a.astype(dtype), w)
 
+    # One compiled program lays out a network (op by op, each new shape would compile its own).
+    lay_out = jax.jit(lay_out, static_argnums=1)
+
     # The LSTM looks back over the whole past and never ahead: the encoder's look-ahead is that
     # of the convolutions before it (in samples) plus that of the layers after it (in frames).
     hop = model.config.hop_length
