@@ -17,6 +17,11 @@ AUDIO_EXTENSIONS = frozenset(
     ".wav .wave .flac .ogg .oga .opus .mp3 .aiff .aif .aifc .au .snd .caf .w64 .rf64".split()
 )
 
+# Resampling to the model's rate lengthens audio at most this much (8 kHz -> 512 kHz): a file
+# claiming a lower rate would make a small file a huge array.
+MAX_RESAMPLE_RATIO = 64
+_BLOCK_FRAMES = 1 << 16
+
 # libsndfile format names for the extensions whose upper-cased spelling is not one.
 _WRITE_FORMATS = {".wave": "WAV", ".aif": "AIFF", ".aifc": "AIFF", ".oga": "OGG", ".snd": "AU"}
 
@@ -40,9 +45,13 @@ def audio_info(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def load_audio(
-    path: str | os.PathLike, sample_rate: int, channels: int
+    path: str | os.PathLike,
+    sample_rate: int,
+    channels: int,
+    start: int = 0,
+    frames: int = -1,
 ) -> tuple[np.ndarray, list[str]]:
-    """Read an audio file as the model takes it.
+    """Read an audio file (or a window of it) as the model takes it.
 
     Stereo (or more) is mixed down to mono by averaging, mono is duplicated for stereo models,
     and files with more channels than a stereo model takes keep their first two (as the
@@ -52,18 +61,36 @@ def load_audio(
         path: any file libsndfile reads (wav, flac, ogg/vorbis/opus, mp3, aiff, ...).
         sample_rate: the model's sampling rate in Hz.
         channels: the model's channel count (1 or 2).
+        start, frames: the window to read, in the file's own frames (its sample rate): from
+            `start`, `frames` of them (-1: to the end). A window past the end is cut short.
 
     Returns:
         (audio `[channels, samples]` float32, notes): one note per conversion, e.g.
         "resampled 44100 -> 24000 Hz", "mixed 2 channels down to mono".
 
+    Memory follows the samples the file really decodes to, never the length its header claims,
+    and resampling may lengthen the audio at most `MAX_RESAMPLE_RATIO` times.
+
     Raises:
-        AudioError: a missing, unreadable, corrupt or empty file, or one holding NaN/Inf.
+        AudioError: a missing, unreadable, corrupt or empty file, one holding NaN/Inf, or one
+            whose sample rate is so low that resampling would multiply its size beyond bounds.
     """
     _check_exists(path)
     try:
-        data, rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(os.fspath(path)) as f:
+            rate = f.samplerate
+            if sample_rate > MAX_RESAMPLE_RATIO * rate:
+                raise AudioError(
+                    f"audio file {path} has a sample rate of {rate} Hz; resampling it to "
+                    f"{sample_rate} Hz would make it {sample_rate / rate:.0f} times longer (at "
+                    f"most {MAX_RESAMPLE_RATIO} is accepted)"
+                )
+            if start:
+                f.seek(start)
+            data = _read_blocks(f, frames)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
+        if isinstance(err, AudioError):
+            raise
         raise AudioError(f"cannot read audio file {path}: {_reason(err)}") from None
     if data.shape[0] == 0:
         raise AudioError(f"audio file {path} holds no samples")
@@ -88,6 +115,23 @@ def load_audio(
         data = np.repeat(data, channels, axis=1)
         notes.append(f"duplicated mono to {channels} channels")
     return np.ascontiguousarray(data.T, dtype=np.float32), notes
+
+
+def _read_blocks(f: sf.SoundFile, frames: int = -1) -> np.ndarray:
+    """`frames` frames of `f` from where it stands (-1: to its end) as float32 `[frames,
+    channels]`, read block by block: a header may claim any length, and reading it at once
+    would allocate the claim."""
+    blocks, left = [], frames
+    while left != 0:
+        size = _BLOCK_FRAMES if left < 0 else min(_BLOCK_FRAMES, left)
+        block = f.read(size, dtype="float32", always_2d=True)
+        if block.shape[0] == 0:
+            break
+        blocks.append(block)
+        left = left - block.shape[0] if left > 0 else left
+    if not blocks:
+        return np.zeros((0, f.channels), np.float32)
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
 def check_writable_format(path: str | os.PathLike) -> str:

@@ -47,14 +47,17 @@ from .atomic import TEMP_SUFFIX, atomic_write, temp_prefix
 from .audio import AUDIO_EXTENSIONS, audio_info, load_audio
 from .batching import BatchCodec, EncodedItem, process_share, round_bucket
 from .model import EncodecModel
+from .untrusted import parse_json_object
 
 MANIFEST_FORMAT = "encodec-jax-tokenize"
 MANIFEST_VERSION = 1
 EXIT_SOME_FAILED = 3
+_SHARD_KEYS = frozenset({"file", "rows", "audio_seconds", "errors"})
 
 
 class TokenizeError(ValueError):
-    """A tokenize run that cannot start (bad input or output directory, changed settings)."""
+    """A tokenize run that cannot start (bad input or output directory, changed settings, a
+    damaged manifest)."""
 
 
 @dataclasses.dataclass
@@ -381,7 +384,7 @@ class _Run:
                     f"{self.out_dir} holds a tokenize run with other settings or input files "
                     f"(differs in: {', '.join(changed)}); use a new output directory"
                 )
-            self.shards = manifest.get("shards", {})
+            self.shards = self._check_shards(manifest.get("shards", {}))
             # A completed shard whose file was deleted is simply made again.
             for k, shard in list(self.shards.items()):
                 if shard["file"] is not None and not os.path.exists(
@@ -427,13 +430,47 @@ class _Run:
 
     def _read_manifest(self) -> dict:
         try:
-            with open(self.manifest_path, encoding="utf-8") as f:
-                manifest = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            with open(self.manifest_path, "rb") as f:
+                data = f.read()
+        except OSError as err:
             raise TokenizeError(f"cannot read {self.manifest_path}: {err}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        manifest = parse_json_object(data, self.manifest_path, TokenizeError)
+        if manifest.get("format") != MANIFEST_FORMAT:
             raise TokenizeError(f"{self.manifest_path} is not an encodec-jax tokenize manifest")
+        if not isinstance(manifest.get("settings", {}), dict):
+            raise TokenizeError(f"{self.manifest_path} is damaged: its settings are no object")
         return manifest
+
+    def _check_shards(self, shards) -> dict[str, dict]:
+        """The manifest's shards, after checking each entry is one this run could have written
+        (the settings, already compared, fix the shard count)."""
+        count = math.ceil(self.settings["num_files"] / self.settings["shard_size"])
+
+        def damaged(why: str) -> TokenizeError:
+            return TokenizeError(
+                f"{self.manifest_path} is damaged ({why}); delete it and the shards to start over"
+            )
+
+        if not isinstance(shards, dict):
+            raise damaged("its shards are no object")
+        for k, shard in shards.items():
+            if not (k.isascii() and k.isdigit() and str(int(k)) == k and int(k) < count):
+                raise damaged(f"shard {k!r} is not a number below {count}")
+            if not isinstance(shard, dict) or set(shard) != _SHARD_KEYS:
+                raise damaged(f"shard {k} does not hold exactly {', '.join(sorted(_SHARD_KEYS))}")
+            name = shard["file"]
+            if name is not None and name != self.shard_pattern.format(int(k)):
+                raise damaged(f"shard {k} names the file {name!r}")
+            rows, errors, seconds = shard["rows"], shard["errors"], shard["audio_seconds"]
+            if not (isinstance(rows, int) and not isinstance(rows, bool) and rows >= 0):
+                raise damaged(f"shard {k} has {rows!r} rows")
+            if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+                raise damaged(f"shard {k} has {seconds!r} seconds of audio")
+            if not isinstance(errors, list) or not all(
+                isinstance(e, dict) and set(e) == {"path", "error"} for e in errors
+            ):
+                raise damaged(f"shard {k}'s errors are not a list of path and error")
+        return shards
 
     def _write_manifest(self, complete: bool) -> None:
         ordered = dict(sorted(self.shards.items(), key=lambda kv: int(kv[0])))
