@@ -60,23 +60,22 @@ def conv_stack(config: EncodecConfig, strides: str):
     return [conv(1, 3, 3), conv(3, 4, 6, stride=3), conv(4, 4, 10, stride=5), conv(4, 3, 7, 7)]
 
 
-def seanet_config(causal: bool, pad_mode: str = "reflect") -> EncodecConfig:
+def seanet_config(causal: bool, ratios=(3, 2)) -> EncodecConfig:
     """A SEANet with two residual layers (dilations 1, 3), odd ratios, both LSTM layers, and
     for the causal one a transposed-conv trim split between left and right."""
     return EncodecConfig(
         num_filters=4,
         hidden_size=6,
-        upsampling_ratios=(3, 2),
+        upsampling_ratios=ratios,
         num_residual_layers=2,
         dilation_growth_rate=3,
         kernel_size=5,
         last_kernel_size=3,
         use_causal_conv=causal,
-        pad_mode=pad_mode,
         trim_right_ratio=0.5 if causal else 1.0,
         use_conv_shortcut=causal,
         codebook_size=16,
-        target_bandwidths=(16.0,),
+        target_bandwidths=(48.0,),
     )
 
 
@@ -135,34 +134,55 @@ def check_stack(layers, per_frame: int, in_channels: int, frames: int, chunks=CH
     return p
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "centred"])
-@pytest.mark.parametrize(
-    "pad_mode,chunks",
-    [("reflect", CHUNKS), ("constant", (2,)), ("replicate", (2,))],
-)
-def test_convolutions_stream_exactly(causal, pad_mode, chunks):
+SLOW = pytest.mark.slow  # beyond the default suite's time budget; run with -m slow
+CONV_CASES = [
+    pytest.param(causal, pad_mode, strides, marks=SLOW, id=name)
+    for causal, pad_mode, strides, name in [
+        (True, "reflect", "2-4-8", "causal-reflect-2-4-8"),
+        (True, "reflect", "3-5-7", "causal-reflect-3-5-7"),
+        (False, "reflect", "2-4-8", "centred-reflect-2-4-8"),
+        (False, "reflect", "3-5-7", "centred-reflect-3-5-7"),
+        (True, "constant", "2-4-8", "causal-constant"),
+        (False, "constant", "3-5-7", "centred-constant"),
+        (True, "replicate", "3-5-7", "causal-replicate"),
+        (False, "replicate", "2-4-8", "centred-replicate"),
+    ]
+]
+
+
+@pytest.mark.parametrize("causal,pad_mode,strides", CONV_CASES)
+def test_convolutions_stream_exactly(causal, pad_mode, strides):
     """Kernels 1, 3, 4, 6, 7, 8, 10, 16; strides 1, 2, 3, 4, 5, 7, 8; dilations 1, 2, 3; each
-    padding mode. The reflect start is the hard part (a layer's first outputs read its own
-    later inputs), so it runs in all three chunk sizes."""
+    padding mode, causal and centred, in chunks of 1, 2 and 7 frames. The reflect start is the
+    hard part (a layer's first outputs read its own later inputs). With -m slow: the default
+    suite streams reflect-padded convolutions through the SEANet test below."""
     config = EncodecConfig(use_causal_conv=causal, pad_mode=pad_mode)
+    per_frame = {"2-4-8": 64, "3-5-7": 105}[strides]
     with jax.enable_x64(True):
-        for strides, per_frame in (("2-4-8", 64), ("3-5-7", 105)):
-            p = check_stack(conv_stack(config, strides), per_frame, 1, 11, chunks)
-            if causal:
-                assert p.lag_out == 0  # a causal stack never waits for later frames
+        p = check_stack(conv_stack(config, strides), per_frame, 1, 11)
+    if causal:
+        assert p.lag_out == 0  # a causal stack never waits for later frames
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "centred"])
-def test_seanet_encoder_and_decoder_stream_exactly(causal):
+@pytest.mark.parametrize(
+    "causal,ratios,chunks",
+    [
+        # the default suite's share: one block (stride 3), 1-frame steps
+        pytest.param(True, (3,), (1,), id="causal-1"),
+        pytest.param(True, (3, 2), CHUNKS, marks=SLOW, id="causal"),
+        pytest.param(False, (3, 2), CHUNKS, marks=SLOW, id="centred"),
+    ],
+)
+def test_seanet_encoder_and_decoder_stream_exactly(causal, ratios, chunks):
     """Residual blocks (1x1-conv and identity shortcuts), the two-layer LSTM and transposed
     convolutions (trim split 1:1 when causal with trim_right_ratio 0.5, centred otherwise),
     through the encoder and decoder stacks as `streaming.codec` streams them."""
-    config = seanet_config(causal)
+    config = seanet_config(causal, ratios)
     with jax.enable_x64(True):
         encoder = EncodecEncoder(config, rngs=nnx.Rngs(1))
         decoder = EncodecDecoder(config, rngs=nnx.Rngs(2))
-        enc = check_stack(list(encoder.layers), config.hop_length, 1, 16)
-        dec = check_stack(list(decoder.layers), 1, config.hidden_size, 16)
+        enc = check_stack(list(encoder.layers), config.hop_length, 1, 16, chunks)
+        dec = check_stack(list(decoder.layers), 1, config.hidden_size, 16, chunks)
     # The transposed convs trim half of their padding on the left: their outputs lag by it,
     # and the decoder's lag is exactly what its receptive field says (no rounding).
     hop = config.hop_length
@@ -177,6 +197,7 @@ def test_seanet_encoder_and_decoder_stream_exactly(causal):
     assert enc.per_frame == hop and enc.rate == Fraction(1, hop)
 
 
+@SLOW
 def test_single_layers_stream_exactly():
     """One layer at a time, from a stack's start (no incoming lag): an LSTM, a transposed
     convolution of each stride 1-8 (kernel 2 * stride) and a replicate-padded one-frame conv."""
@@ -221,7 +242,8 @@ def test_layers_that_cannot_stream_are_refused():
 
 def test_state_size_is_fixed_by_the_layers():
     """The state is what the receptive fields say, whatever the chunk size: for a conv, its
-    left field (kernel 7: 6 inputs); for a transposed conv, one previous input frame."""
+    left field (kernel 7: 6 inputs); for a transposed conv, one previous input frame. (Shapes
+    only: traced, not run.)"""
     config = EncodecConfig()
     rngs = nnx.Rngs(0)
     conv = EncodecConv1d(config, 4, 4, 7, rngs=rngs)
@@ -230,10 +252,11 @@ def test_state_size_is_fixed_by_the_layers():
     state = stream_layers.init(p, 3, jnp.float32)
     assert [s.shape for s in state] == [(3, 6, 4), (3, 1, 4)]
     w = stream_layers.weights([conv, transposed], p)
-    x = jnp.ones((3, 7, 4))
-    state, _ = stream_layers.step(p, w, state, x, True)
+    x = jax.ShapeDtypeStruct((3, 7, 4), jnp.float32)
+    state, _ = jax.eval_shape(lambda s, x: stream_layers.step(p, w, s, x, True), state, x)
     for chunk in (1, 5):
-        new, y = stream_layers.step(p, w, state, x[:, :chunk], False)
+        x = jax.ShapeDtypeStruct((3, chunk, 4), jnp.float32)
+        new, y = jax.eval_shape(lambda s, x: stream_layers.step(p, w, s, x, False), state, x)
         assert y.shape == (3, 4 * chunk, 4)
         assert jax.tree.map(jnp.shape, new) == jax.tree.map(jnp.shape, state)
     assert math.isclose(float(p.rate), 4.0)
