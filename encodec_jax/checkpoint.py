@@ -375,8 +375,23 @@ class _PickleScan(pickle.Unpickler):
         return _Name()
 
 
+_MEMO_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
+
+
+def _check_pickle_ops(stream: io.BytesIO) -> None:
+    """Reads one pickle's opcodes from `stream` without running them. pickletools reads every
+    argument from the buffer, so a claimed length beyond the file is an error here, where an
+    unpickler would allocate it first; and a memo index may not exceed the opcodes before it
+    (an unpickler grows its memo table to the index: 2^32 entries for a hostile one)."""
+    for count, (opcode, arg, _) in enumerate(pickletools.genops(stream)):
+        if opcode.name in _MEMO_OPS and arg > count:
+            raise ValueError(f"memo index {arg} at opcode {count}")
+
+
 def _scan_torch_pickle(data: bytes) -> dict[str, int]:
-    """{storage key: bytes claimed} of one pickle, after `_PickleScan`'s checks."""
+    """{storage key: bytes claimed} of one pickle, after `_check_pickle_ops`' and
+    `_PickleScan`'s checks."""
+    _check_pickle_ops(io.BytesIO(data))
     scan = _PickleScan(io.BytesIO(data))
     scan.load()
     return {key: storage.numel * storage.itemsize for key, storage in scan.storages.items()}
@@ -391,10 +406,7 @@ def _check_legacy_torch_pickle(data: bytes, path) -> None:
     try:
         for i in range(5):
             start = stream.tell()
-            # pickletools reads every argument from the buffer, so a claimed length beyond the
-            # file is an error here, where the unpickler would allocate it first.
-            for _ in pickletools.genops(stream):
-                pass
+            _check_pickle_ops(stream)
             if i == 3:
                 storages = _scan_torch_pickle(data[start : stream.tell()])
     except Exception as err:  # the pickle machinery raises many types for damaged data

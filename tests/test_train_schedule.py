@@ -99,6 +99,7 @@ def test_discriminator_schedule_is_a_deterministic_draw_of_one_in_every():
     assert not any(parts_with(1, adv=0.0).trains_discriminator(s) for s in range(100))
 
 
+@pytest.mark.slow  # compiles a second variant of the step: 35 s
 def test_a_resting_step_leaves_the_discriminator_alone():
     """A step the schedule skips: the discriminator and its optimizer state unchanged to the
     bit, no d_loss reported; the generator still trains."""
