@@ -3,6 +3,7 @@
     encodec-jax encode IN... -o OUT          audio -> codes (.npz, or .ecdc for 24/48 kHz)
     encodec-jax decode CODES -o OUT.wav      codes -> audio
     encodec-jax reconstruct IN -o OUT.wav    audio -> codes -> audio
+    encodec-jax stream IN|- -o OUT           the same, chunk by chunk as the audio arrives
     encodec-jax tokenize IN_DIR -o OUT_DIR   a directory of audio -> Parquet shards of codes
     encodec-jax convert SRC OUT              PyTorch checkpoints -> encodec-jax directories
     encodec-jax train --data DIR --out RUN   train or fine-tune on a folder of audio
@@ -211,6 +212,47 @@ def _reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream(args: argparse.Namespace) -> int:
+    from .audio import AudioError, check_writable_format
+    from .codes import FORMATS
+    from .streaming.pipeline import AudioSource, RawFormat, stream
+
+    raw = None
+    raw_options = {"--rate": args.rate, "--channels": args.channels}
+    if args.input == "-":
+        if args.rate is None:
+            raise AudioError("raw PCM on stdin (IN = -) needs its sampling rate: give --rate")
+        raw = RawFormat(args.rate, args.channels or 1, args.pcm_format)
+    elif any(v is not None for v in raw_options.values()) or args.pcm_format != "s16":
+        given = [k for k, v in raw_options.items() if v is not None] or ["--pcm-format"]
+        raise AudioError(f"{given[0]} describes raw PCM on stdin; it needs IN = -")
+    if os.path.splitext(args.output)[1].lower().lstrip(".") not in FORMATS:
+        check_writable_format(args.output)  # before loading anything
+    model, name = _load_model(args)
+    config = model.config
+    source = AudioSource(
+        sys.stdin.buffer if raw else args.input, config.sampling_rate, config.audio_channels, raw
+    )
+    report = stream(model, name, source, args.output, args.bandwidth, args.chunk_frames)
+    label = "stdin" if raw else args.input
+    for note in source.notes:
+        print(f"note: {label}: {note}")
+    print(f"{label} -> {args.output}: {_describe(report.codes)}")
+    rtf = report.real_time_factor
+    pace = f"{1 / rtf:.1f}x faster than" if rtf < 1 else f"{rtf:.1f}x slower than"
+    print(
+        f"real-time factor {rtf:.3f} ({pace} real time: {report.compute_seconds:.2f} s of "
+        f"compute for {report.seconds_of_audio:.2f} s of audio; compilation "
+        f"{report.compile_seconds:.1f} s before the stream)"
+    )
+    print(
+        f"latency {report.latency_ms:.1f} ms (chunk and look-ahead) + compute "
+        f"{report.step_ms_median:.1f} ms median, {report.step_ms_p99:.1f} ms p99 per step "
+        f"({report.steps} steps); {report.startup_ms:.1f} ms buffered before the first output"
+    )
+    return 0
+
+
 def _tokenize(args: argparse.Namespace) -> int:
     from .tokenize import EXIT_SOME_FAILED, TokenizeError, tokenize_directory
 
@@ -361,6 +403,37 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("-o", "--output", required=True, metavar="OUT", help="audio file")
     _add_model_options(reconstruct)
     reconstruct.set_defaults(run=_reconstruct)
+
+    stream = commands.add_parser(
+        "stream",
+        help="encode (or encode and decode) audio chunk by chunk as it arrives",
+        description="Stream audio through the model as it is read: IN is an audio file, or - "
+        "for raw PCM on stdin (with --rate, --channels, --pcm-format), e.g. `sox in.flac -t "
+        "raw -r 24000 -e signed -b 16 -c 1 - | encodec-jax stream - --rate 24000 ...`. OUT "
+        "ending in .npz (or .ecdc) receives the codes (the file encode writes); an audio file "
+        "(.wav, .flac, .ogg) receives the reconstruction, written as it goes. The codes equal "
+        "encode's and the audio reconstruct's; prints the real-time factor and the latency.",
+    )
+    stream.add_argument("input", metavar="IN", help="audio file, or - for raw PCM on stdin")
+    stream.add_argument("-o", "--output", required=True, metavar="OUT", help=".npz or .wav")
+    stream.add_argument(
+        "--chunk-frames",
+        type=_positive_int,
+        default=1,
+        help="frames per step (1: the lowest latency); chunked models step by their own chunks",
+    )
+    stream.add_argument("--rate", type=_positive_int, default=None, help="stdin PCM rate, Hz")
+    stream.add_argument(
+        "--channels", type=_positive_int, default=None, help="stdin PCM channels (default 1)"
+    )
+    stream.add_argument(
+        "--pcm-format",
+        choices=["s16", "f32"],
+        default="s16",
+        help="stdin PCM samples: little-endian 16-bit integers or float32 (default s16)",
+    )
+    _add_model_options(stream)
+    stream.set_defaults(run=_stream)
 
     tokenize = commands.add_parser(
         "tokenize",

@@ -407,3 +407,20 @@ class EncodecResidualVectorQuantizer(nnx.Module):
     def decode(self, codes: jax.Array) -> jax.Array:
         """codes `[B, n_q, T]` -> quantized embeddings `[B, T, D]`."""
         return ops.rvq_decode(codes, self.embeds(codes.shape[1]))
+
+
+def fold_weight_norm(module: nnx.Module) -> nnx.Module:
+    """A copy of `module` whose weight-normed convolutions hold their combined kernel `weight`
+    instead of `weight_g`/`weight_v`: the same outputs (to float32 rounding) without recomputing
+    every kernel on every call. Worth it where calls are small and many (streaming, where it
+    otherwise dominates a one-frame step); not for training or exporting, which need the
+    parametrisation."""
+    module = nnx.clone(module)
+    combine = jax.jit(ops.weight_norm)
+    for _, sub in nnx.iter_modules(module):
+        if isinstance(sub, ConvWeights) and sub.weight_norm:
+            kernel = combine(sub.weight_v[...], sub.weight_g[...])
+            del sub.weight_g, sub.weight_v
+            sub.weight = nnx.Param(kernel)
+            sub.weight_norm = False
+    return module

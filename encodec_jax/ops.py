@@ -102,6 +102,28 @@ def conv1d(
     return y + bias
 
 
+def conv_matrix(weight: jax.Array) -> jax.Array:
+    """A `Conv1d` weight `[Cout, Cin, K]` as the matrix `[K * Cin, Cout]` of `conv1d_matmul`."""
+    c_out, c_in, kernel = weight.shape
+    return weight.transpose(2, 1, 0).reshape(kernel * c_in, c_out)
+
+
+def conv1d_matmul(
+    x: jax.Array, matrix: jax.Array, bias: jax.Array, kernel: int, stride: int, dilation: int
+) -> jax.Array:
+    """VALID 1-D convolution as one matmul over the stacked taps: x `[B, T, Cin]`, matrix
+    `[K * Cin, Cout]` (`conv_matrix`) -> `[B, T', Cout]`. For few output steps (streaming) with
+    the matrix laid out once, this reads each weight once per call; XLA's convolution re-lays
+    out its kernel on every call, which dominates a call of a few steps."""
+    steps = (x.shape[1] - (kernel - 1) * dilation - 1) // stride + 1
+    taps = [
+        lax.slice_in_dim(x, k * dilation, k * dilation + (steps - 1) * stride + 1, stride, axis=1)
+        for k in range(kernel)
+    ]
+    columns = taps[0] if kernel == 1 else jnp.concatenate(taps, axis=-1)
+    return columns @ matrix + bias
+
+
 def conv_transpose1d(x: jax.Array, weight: jax.Array, bias: jax.Array, stride: int) -> jax.Array:
     """Full (untrimmed) transposed convolution. x: `[B, T, Cin]`; weight: `[Cin, Cout, K]`.
 
@@ -165,6 +187,24 @@ def transpose_blocks_summed(x: jax.Array, w: jax.Array) -> jax.Array:
     return out
 
 
+def transpose_blocks_valid(x: jax.Array, w: jax.Array) -> jax.Array:
+    """The output blocks whose inputs all lie in `x`: block t (t = blocks - 1 ... T - 1) is the sum
+    over k of `x[t - k] @ w[k]`, `[B, T - blocks + 1, width]`. Streaming calls it with the
+    previous `blocks - 1` inputs in front of a chunk. Same arithmetic as `conv_transpose1d`: one
+    matmul over the stacked shifted inputs where blocks are wide, else one per block, summed in
+    block order."""
+    blocks, c_in, width = w.shape
+    steps = x.shape[1] - blocks + 1
+    shifted = [x[:, blocks - 1 - k : blocks - 1 - k + steps] for k in range(blocks)]
+    if width >= _STACKED_TRANSPOSE_MIN_WIDTH:
+        return jnp.concatenate(shifted, axis=-1) @ w.reshape(blocks * c_in, width)
+    out = None
+    for k in range(blocks):
+        y = shifted[k] @ w[k]
+        out = y if out is None else out + y
+    return out
+
+
 def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-5) -> jax.Array:
     """GroupNorm with a single group over `[B, T, C]`: statistics over time and channels."""
     mean = jnp.mean(x, axis=(1, 2), keepdims=True)
@@ -184,6 +224,25 @@ def lstm_layer(
     return lstm_recurrence(projected.swapaxes(0, 1), w_hh.T).swapaxes(0, 1)
 
 
+def lstm_scan(
+    x: jax.Array,
+    w_ih_t: jax.Array,
+    w_hh_t: jax.Array,
+    bias: jax.Array,
+    state: tuple[jax.Array, jax.Array],
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One LSTM layer over `[B, T, C]` from `state` = (h, c), each `[B, H]`, with the weights
+    transposed (`w_ih_t` `[C, 4H]`, `w_hh_t` `[H, 4H]`) and the two biases summed: (outputs
+    `[B, T, H]`, final (h, c)). Streaming carries the final state into the next chunk, with the
+    weights transposed once. The arithmetic of `lstm_layer` (from a zero state) step for step,
+    forward only: streaming needs no gradient, so it scans directly rather than through
+    `lstm_recurrence`.
+    """
+    projected = x @ w_ih_t + bias  # [B, T, 4H]
+    state, hs, _, _ = _lstm_scan(projected.swapaxes(0, 1), w_hh_t, state)
+    return hs.swapaxes(0, 1), state
+
+
 @jax.custom_vjp
 def lstm_recurrence(gates_x: jax.Array, w_hh_t: jax.Array) -> jax.Array:
     """The LSTM's recurrence: input gate pre-activations `[T, B, 4H]`, recurrent weights
@@ -195,11 +254,12 @@ def lstm_recurrence(gates_x: jax.Array, w_hh_t: jax.Array) -> jax.Array:
     LSTMs); here the loop only carries the state, and the weight gradient is one matmul over all
     steps after it.
     """
-    return _lstm_scan(gates_x, w_hh_t)[0]
+    return _lstm_scan(gates_x, w_hh_t)[1]
 
 
-def _lstm_scan(gates_x: jax.Array, w_hh_t: jax.Array):
-    """(hidden states, cell states, gate pre-activations), each `[T, B, ...]`."""
+def _lstm_scan(gates_x: jax.Array, w_hh_t: jax.Array, state=None):
+    """(final (h, c), hidden states, cell states, gate pre-activations), the last three
+    `[T, B, ...]`, from `state` = (h, c) or zeros."""
     hidden = w_hh_t.shape[0]
     recurrent_product = _recurrent_product(gates_x.shape[1], w_hh_t)
 
@@ -208,9 +268,11 @@ def _lstm_scan(gates_x: jax.Array, w_hh_t: jax.Array):
         h, c = lstm_cell(gates, carry[1])
         return (h, c), (h, c, gates)
 
-    zeros = jnp.zeros((gates_x.shape[1], hidden), gates_x.dtype)
-    _, (hs, cs, gates) = lax.scan(step, (zeros, zeros), gates_x)
-    return hs, cs, gates
+    if state is None:
+        zeros = jnp.zeros((gates_x.shape[1], hidden), gates_x.dtype)
+        state = (zeros, zeros)
+    state, (hs, cs, gates) = lax.scan(step, state, gates_x)
+    return state, hs, cs, gates
 
 
 def _recurrent_product(batch: int, w_hh_t: jax.Array):
@@ -232,7 +294,7 @@ def _recurrent_product(batch: int, w_hh_t: jax.Array):
 
 
 def _lstm_recurrence_fwd(gates_x, w_hh_t):
-    hs, cs, gates = _lstm_scan(gates_x, w_hh_t)
+    _, hs, cs, gates = _lstm_scan(gates_x, w_hh_t)
     return hs, (hs, cs, gates, w_hh_t)
 
 
