@@ -282,7 +282,7 @@ def _detect(spec: str) -> str:
         )
     if "://" not in spec and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) and not spec.startswith("."):
         return "hf"  # not a local path: a Hub dataset id
-    raise SourceError(f"{spec}: no such file, folder or dataset")
+    raise SourceError(f"{spec} does not exist (no such file, folder or Hub dataset id)")
 
 
 # ---- file systems and patterns ----
