@@ -17,6 +17,7 @@ reported. Efficiency = tokenize throughput / encode throughput (1.0: reading cos
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import statistics
@@ -94,6 +95,24 @@ def run_tokenize(model, source: str, out: Path, args) -> float:
     return seconds
 
 
+def decode_rate(source: str, config, workers: int, seconds_of_audio: float) -> float:
+    """x realtime of reading, decoding and resampling alone (no model), on `workers` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from encodec_jax.sources import open_source, read_audio
+
+    items = [item for shard in open_source(source).shards for item in shard.items()]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(
+            pool.map(
+                lambda it: read_audio(it.audio, config.sampling_rate, config.audio_channels),
+                items,
+            )
+        )
+    return seconds_of_audio / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESET_NAMES), default="24khz")
@@ -154,13 +173,23 @@ def main() -> None:
             f"medians of {args.repeats}"
         )
         encode_rate = seconds_of_audio / statistics.median(times["encode"])
-        print(f"{'BatchCodec.encode':<20} {encode_rate:6.1f}x realtime")
+        spread = {n: " ".join(f"{t:.1f}" for t in ts) for n, ts in times.items()}
+        print(f"{'BatchCodec.encode':<20} {encode_rate:6.1f}x realtime   (s: {spread['encode']})")
         for name in sources:
             rate = seconds_of_audio / statistics.median(times[name])
             print(
                 f"{'tokenize ' + name:<20} {rate:6.1f}x realtime   efficiency "
-                f"{rate / encode_rate:.0%}"
+                f"{rate / encode_rate:.0%}   (s: {spread[name]})"
             )
+        if importlib.util.find_spec("encodec_jax.sources") is not None:
+            # reading alone, for scale: how much of the CPU it takes beside encoding
+            threads = args.workers or min(8, os.cpu_count() or 1)
+            for name, source in sources.items():
+                rates = [decode_rate(source, config, n, seconds_of_audio) for n in (1, threads)]
+                print(
+                    f"{'read+decode ' + name:<20} {rates[0]:6.1f}x realtime on 1 thread, "
+                    f"{rates[1]:.1f}x on {threads}"
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

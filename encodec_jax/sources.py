@@ -447,12 +447,19 @@ def _folder_source(spec: str, exclude) -> Source:
     files = find_audio_files(spec, exclude)
     if not files:
         hint = ""
-        listing = fs.ls(root, detail=False)
-        shard_exts = {_shard_extension(p) for p in listing} & {".parquet", ".tar"}
-        if shard_exts:
-            ext = sorted(shard_exts)[0]
-            pattern = f"{spec.rstrip('/')}/*{ext}"
-            hint = f"; it holds {ext} files: name them with a pattern, e.g. '{pattern}'"
+        root = root.rstrip("/")
+        shards = sorted(
+            p
+            for depth in ("*", "*/*")
+            for ext in (".parquet", ".tar")
+            for p in fs.glob(f"{root}/{depth}{ext}")
+        )
+        if shards:
+            folder, ext = shards[0][len(root) : shards[0].rfind("/")], _shard_extension(shards[0])
+            pattern = f"{spec.rstrip('/')}{folder}/*{ext}"
+            hint = f"; it holds {ext} files: name them with a pattern, e.g. '{pattern}'" + (
+                ", or stream it as a dataset with --source-type hf" if ext == ".parquet" else ""
+            )
         raise SourceError(
             f"no audio files under {spec} (looked for {' '.join(sorted(AUDIO_EXTENSIONS))}){hint}"
         )
@@ -861,9 +868,10 @@ def _table_source(kind, spec, fs, files, columns: _Columns, shard_class, extra) 
 
 def _read_json(fs, path: str) -> dict:
     try:
+        if (fs.size(path) or 0) > 1 << 24:  # far more than these small files hold
+            raise SourceError(f"{path} is too large to be a dataset's state file")
         with fs.open(path, "rb") as f:
-            data = f.read(1 << 24)  # far more than these small files hold
-        value = json.loads(data)
+            value = json.loads(f.read())
     except FileNotFoundError:
         raise SourceError(f"{path} is missing") from None
     except (ValueError, UnicodeDecodeError) as err:
@@ -902,10 +910,17 @@ def _hub_source(spec: str, config: str | None, split: str, columns: _Columns) ->
             f"reading the Hugging Face dataset {spec} needs the datasets package "
             f"(pip install datasets)"
         ) from None
+    from datasets import utils as datasets_utils
+
+    quiet = datasets_utils.are_progress_bars_disabled()
+    datasets_utils.disable_progress_bars()  # "Resolving data files": tokenize has its own bar
     try:
         dataset = datasets.load_dataset(spec, config, split=split, streaming=True)
     except Exception as err:  # the Hub's and the builders' errors, one line
         raise SourceError(f"cannot stream the dataset {spec}: {_first_line(err)}") from None
+    finally:
+        if not quiet:
+            datasets_utils.enable_progress_bars()
     if not isinstance(dataset, datasets.IterableDataset):
         raise SourceError(f"{spec} did not load as one streamable split")
     features = dataset.features

@@ -542,8 +542,13 @@ class _Output:
         return self.fs.exists(self._join(name))
 
     def read(self, name: str, limit: int) -> bytes:
-        with self.fs.open(self._join(name), "rb") as f:
-            return f.read(limit)
+        """The file's bytes; TokenizeError if it holds more than `limit` (nothing read)."""
+        path = self._join(name)
+        size = self.fs.size(path)
+        if size is not None and size > limit:
+            raise TokenizeError(f"{self.display(name)} is {size} bytes, more than it can be")
+        with self.fs.open(path, "rb") as f:
+            return f.read()
 
     def write(self, name: str, data: bytes) -> None:
         if self.local:
