@@ -26,7 +26,11 @@ Damaged shard content (not a Parquet/tar/Arrow file, a damaged header or page, a
 raises `ShardError` from `Shard.items` at the point where reading stopped; failures of the storage
 itself (network, permissions) raise what the file system raised, so that a run stops and can be
 resumed instead of recording good data as bad. No reader allocates more than the file's size
-justifies: every read of a shard is clamped to the bytes the file has left.
+justifies: every read of a shard is clamped to the bytes the file has left. Memory: a Parquet
+shard is read a row group at a time (pyarrow decodes a row group whole; with the batch of
+BATCH_ROWS rows being handed on, about one row group and a batch), an `.arrow` file one
+record batch at a time (`datasets` writes both in groups of 100 rows for audio), a tar shard one
+sample at a time.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from .audio import AUDIO_EXTENSIONS, AudioError, convert_audio, decode_audio, lo
 
 KINDS = ("folder", "parquet", "webdataset", "saved", "hf")
 BATCH_ROWS = 64  # rows per Arrow batch read from a table: a few MB of encoded audio
+PARQUET_BUFFER = 1 << 20  # bytes: column chunks are read through a buffer of this size
 MAX_SHARDS = 1_000_000  # a brace pattern may not expand to more
 # Packages that fsspec protocols need, for the error when one is missing.
 _BACKENDS = {
@@ -729,7 +734,9 @@ class _ParquetShard(_FileShardBase):
     def _parse(self, f, start: int) -> Iterator[Item]:
         import pyarrow.parquet as pq
 
-        parquet = pq.ParquetFile(f)
+        # pyarrow decodes a whole row group at a time; buffered reads keep it from also
+        # holding the raw column chunk (measured: 1x instead of 2x the row group's bytes)
+        parquet = pq.ParquetFile(f, buffer_size=PARQUET_BUFFER)
         schema = parquet.schema_arrow
         problem = self.columns.problem(schema, self.name)
         if problem:

@@ -30,7 +30,7 @@ and resamples them; the main thread groups decoded items by length bucket and en
 bucket as soon as it holds a full batch (`BatchCodec`), so batches are as full as when encoding
 the whole list at once. At most `2 * workers + batch_size` items are being read or decoded and
 `batch_size * (len(buckets) + 1)` decoded items wait for a batch; nothing else of the source is
-held in memory (plus one Arrow batch of 64 rows, or one tar sample, being read).
+held in memory besides the Parquet row group, Arrow record batch or tar sample being read.
 
 Codes: an item's codes depend only on its own audio and its bucket. They equal
 `EncodecModel.encode` of the item alone except at its end: encoded alone, the model pads a

@@ -165,6 +165,24 @@ def test_parquet_written_by_pyarrow_resumes_inside_row_groups(tmp_path):
         assert_resumable(shard)
 
 
+def test_parquet_is_read_a_row_group_at_a_time(tmp_path):
+    """Reading a shard of 8 row groups holds about one row group and one batch of rows in Arrow
+    memory, never the shard (the items' bytes are Python objects, handed on one by one)."""
+    rng = np.random.default_rng(0)
+    blobs = [rng.bytes(50_000) for _ in range(320)]  # 16 MB in row groups of 2 MB
+    table = pa.table({"audio": pa.array(blobs, pa.binary())})
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=40, use_dictionary=False)
+    (shard,) = open_source(tmp_path / "big.parquet").shards
+    base, peak, count = pa.total_allocated_bytes(), 0, 0
+    for item in shard.items():
+        peak = max(peak, pa.total_allocated_bytes() - base)
+        assert item.audio == blobs[count]
+        count += 1
+    assert count == 320
+    # measured: 5.2 MB (a 64-row batch spanning two groups); the shard is 16 MB
+    assert peak < 8_000_000, peak
+
+
 def test_parquet_column_errors(tmp_path):
     pattern = write_parquet_arrow(tmp_path, ITEMS[:2], shards=1)
     with pytest.raises(SourceError, match=r"no column 'audio' \(its columns: uid, wav, text"):
