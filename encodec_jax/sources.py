@@ -17,10 +17,8 @@ for. `read_audio` turns that audio into what the model takes. Shards are what a 
 | `load_dataset(streaming=True)` | the dataset's shards | as Parquet | as Parquet |
 | WebDataset `.tar` files | the files | WebDataset's `__key__` | the audio member |
 
-A table's audio column may hold encoded bytes (`binary`, or the `{bytes, path}` struct of the
-`datasets` `Audio` feature; a null `bytes` reads `path`, relative to the shard), a file path, or
-decoded samples (`{array, sampling_rate}` structs, or a list column beside a `sampling_rate`
-column; arrays are `[samples]` or `[channels, samples]`).
+Folders are read here; tables (Parquet, `save_to_disk`, `load_dataset`) in `tables`, tar
+shards in `webdataset`, each turning its files into shards of this interface.
 
 Damaged shard content (not a Parquet/tar/Arrow file, a damaged header or page, a truncated tar)
 raises `ShardError` from `Shard.items` at the point where reading stopped; failures of the storage
@@ -28,7 +26,7 @@ itself (network, permissions) raise what the file system raised, so that a run s
 resumed instead of recording good data as bad. No reader allocates more than the file's size
 justifies: every read of a shard is clamped to the bytes the file has left. Memory: a Parquet
 shard is read a row group at a time (pyarrow decodes a row group whole; with the batch of
-BATCH_ROWS rows being handed on, about one row group and a batch), an `.arrow` file one
+`tables.BATCH_ROWS` rows being handed on, about one row group and a batch), an `.arrow` file one
 record batch at a time (`datasets` writes both in groups of 100 rows for audio), a tar shard one
 sample at a time.
 """
@@ -52,8 +50,6 @@ import numpy as np
 from .audio import AUDIO_EXTENSIONS, AudioError, convert_audio, decode_audio, load_audio
 
 KINDS = ("folder", "parquet", "webdataset", "saved", "hf")
-BATCH_ROWS = 64  # rows per Arrow batch read from a table: a few MB of encoded audio
-PARQUET_BUFFER = 1 << 20  # bytes: column chunks are read through a buffer of this size
 MAX_SHARDS = 1_000_000  # a brace pattern may not expand to more
 # Packages that fsspec protocols need, for the error when one is missing.
 _BACKENDS = {
@@ -68,11 +64,6 @@ _BACKENDS = {
     "http": "aiohttp",
     "https": "aiohttp",
 }
-# WebDataset skips these names (its `meta_prefix`/`meta_suffix` and `skip_meta`).
-_WDS_META = re.compile(r"__[^/]*__($|/)")
-# WebDataset's base_plus_ext: the key is everything up to the first dot of the last path
-# component, the extension everything after it.
-_WDS_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 class SourceError(ValueError):
@@ -250,18 +241,25 @@ def open_source(
             raise SourceError(
                 "tar shards key their items themselves: --id-column applies to tables"
             )
-        return _tar_source(spec, audio_column, keep)
-    columns = _Columns(audio_column or "audio", id_column, keep)
-    if kind == "parquet":
-        return _parquet_source(spec, columns)
-    if kind == "saved":
-        return _saved_source(spec, split, columns)
-    return _hub_source(spec, config, split or "train", columns)
+        from .webdataset import tar_source
+
+        return tar_source(spec, audio_column, keep)
+    from .tables import table_source
+
+    return table_source(
+        kind,
+        spec,
+        split=split,
+        config=config,
+        audio_column=audio_column,
+        id_column=id_column,
+        keep=keep,
+    )
 
 
 def _detect(spec: str) -> str:
     if _has_pattern(spec):
-        paths = _expand(spec)
+        paths = match_files(spec)
         exts = {_shard_extension(p) for p in paths}
         if exts == {".parquet"}:
             return "parquet"
@@ -271,7 +269,7 @@ def _detect(spec: str) -> str:
             f"{spec} matches {', '.join(sorted(e or '(no extension)' for e in exts))} files: a "
             f"pattern must match only .parquet or only .tar files"
         )
-    fs, path = _filesystem(spec)
+    fs, path = filesystem(spec)
     if fs.isdir(path):
         names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
         if {"state.json", "dataset_info.json"} <= names or "dataset_dict.json" in names:
@@ -291,7 +289,7 @@ def _detect(spec: str) -> str:
 
 
 # ---- file systems and patterns ----
-def _filesystem(url: str):
+def filesystem(url: str):
     """(fsspec file system, path on it) for a path or URL, with a clear error for a missing
     backend."""
     import fsspec
@@ -309,7 +307,8 @@ def _filesystem(url: str):
         raise SourceError(f"cannot open {url}: {err}") from None
 
 
-def _is_local(fs) -> bool:
+def is_local(fs) -> bool:
+    """Whether an fsspec file system is the local disk (whose paths open directly)."""
     from fsspec.implementations.local import LocalFileSystem
 
     return isinstance(fs, LocalFileSystem)
@@ -351,15 +350,15 @@ def expand_braces(pattern: str) -> list[str]:
     return out
 
 
-def _expand(spec: str) -> list[tuple[str, int | None]]:
+def match_files(spec: str) -> list[tuple[str, int | None]]:
     """The files a path, glob or brace pattern names: [(path, size)], sorted, without repeats.
 
-    Paths are on the spec's file system (`_filesystem(spec)[0]`)."""
-    fs, _ = _filesystem(spec)
+    Paths are on the spec's file system (`filesystem(spec)[0]`)."""
+    fs, _ = filesystem(spec)
     found: dict[str, int | None] = {}
     literal = []
     for pattern in expand_braces(spec):
-        _, path = _filesystem(pattern)
+        _, path = filesystem(pattern)
         if glob_module.has_magic(path):
             for name, info in fs.glob(path, detail=True).items():
                 if info.get("type") != "directory":
@@ -394,7 +393,7 @@ def _shard_extension(path) -> str:
     return os.path.splitext(name)[1]
 
 
-def _relative_names(paths: Sequence[str]) -> tuple[str, list[str]]:
+def relative_names(paths: Sequence[str]) -> tuple[str, list[str]]:
     """(common folder, each path relative to it) for shard names that do not depend on where
     the corpus lives."""
     folders = [p.rsplit("/", 1)[0] + "/" if "/" in p else "" for p in paths]
@@ -404,7 +403,7 @@ def _relative_names(paths: Sequence[str]) -> tuple[str, list[str]]:
 
 
 # ---- a folder of audio files ----
-class _FileShard(Shard):
+class _AudioFileShard(Shard):
     def __init__(self, name: str, size: int | None, audio: AudioFile):
         self.name, self.size, self.audio = name, size, audio
 
@@ -424,11 +423,11 @@ def find_audio_files(
     A file counts as audio by its extension (`AUDIO_EXTENSIONS`, any case); hidden files and
     folders (name starting with '.') and the folder `exclude` are skipped.
     """
-    fs, root = _filesystem(os.fspath(spec))
+    fs, root = filesystem(os.fspath(spec))
     root = root.rstrip("/")
     skip = None
     if exclude is not None:
-        exclude_fs, skip = _filesystem(os.fspath(exclude))
+        exclude_fs, skip = filesystem(os.fspath(exclude))
         if type(exclude_fs) is not type(fs):
             skip = None
         else:
@@ -446,7 +445,7 @@ def find_audio_files(
 
 
 def _folder_source(spec: str, exclude) -> Source:
-    fs, root = _filesystem(spec)
+    fs, root = filesystem(spec)
     if not fs.isdir(root):
         raise SourceError(f"input folder {spec} does not exist or is not a folder")
     files = find_audio_files(spec, exclude)
@@ -469,176 +468,16 @@ def _folder_source(spec: str, exclude) -> Source:
             f"no audio files under {spec} (looked for {' '.join(sorted(AUDIO_EXTENSIONS))}){hint}"
         )
     root = root.rstrip("/")
-    local = _is_local(fs)
+    local = is_local(fs)
     shards: list[Shard] = [
-        _FileShard(name, size, AudioFile(f"{root}/{name}", None if local else fs))
+        _AudioFileShard(name, size, AudioFile(f"{root}/{name}", None if local else fs))
         for name, size in files
     ]
     return Source("folder", spec, shards, {}, {})
 
 
-# ---- tables: Parquet, save_to_disk, load_dataset ----
-@dataclasses.dataclass(frozen=True)
-class _Columns:
-    """Which columns of a table make an item."""
-
-    audio: str
-    id: str | None
-    keep: tuple[str, ...]
-    types: dict[str, Any] | None = None  # the kept columns' types, once known
-
-    def options(self) -> dict[str, Any]:
-        return {"audio_column": self.audio, "id_column": self.id, "keep_columns": list(self.keep)}
-
-    def needed(self, schema) -> list[str]:
-        names = [self.audio, *([self.id] if self.id else []), *self.keep]
-        if _is_list(schema.field(self.audio).type) and "sampling_rate" in schema.names:
-            names.append("sampling_rate")
-        return list(dict.fromkeys(names))
-
-    def problem(self, schema, where: str) -> str | None:
-        """Why a table with this schema cannot be read, or None."""
-        import pyarrow as pa
-
-        missing = [c for c in (self.audio, self.id, *self.keep) if c and c not in schema.names]
-        if missing:
-            return (
-                f"{where} has no column {', '.join(repr(c) for c in missing)} (its columns: "
-                f"{', '.join(schema.names)})"
-            )
-        for c, expected in (self.types or {}).items():
-            if schema.field(c).type != expected:
-                return (
-                    f"{where}: column {c!r} has type {schema.field(c).type}, not "
-                    f"{expected} as in the first shard"
-                )
-        kind = schema.field(self.audio).type
-        if pa.types.is_struct(kind):
-            fields = {kind.field(i).name for i in range(kind.num_fields)}
-            if "bytes" in fields or "path" in fields or {"array", "sampling_rate"} <= fields:
-                return None
-        elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or _is_string(kind):
-            return None
-        elif _is_list(kind):
-            if "sampling_rate" in schema.names:
-                return None
-            return (
-                f"{where}: column {self.audio!r} holds arrays but the table has no "
-                f"'sampling_rate' column"
-            )
-        return (
-            f"{where}: column {self.audio!r} has type {kind}; the audio column must hold encoded "
-            f"audio (binary, or a datasets Audio struct {{bytes, path}}), file paths, or samples "
-            f"({{array, sampling_rate}} structs, or lists beside a sampling_rate column)"
-        )
-
-    def items(self, batches, row: int, fs, folder: str) -> Iterator[Item]:
-        """Items from Arrow record batches whose first row is row number `row` of the shard;
-        relative audio paths are resolved against `folder` on `fs`."""
-        for batch in batches:
-            audios = _audio_values(batch, self.audio, fs, folder)
-            ids = batch.column(self.id).to_pylist() if self.id else None
-            kept = {c: batch.column(c).to_pylist() for c in self.keep}
-            for i in range(batch.num_rows):
-                columns = {c: values[i] for c, values in kept.items()}
-                if ids is not None and ids[i] is None:
-                    yield Item(None, None, columns, f"row {row}: the id column {self.id!r} is null")
-                else:
-                    key = str(row) if ids is None else str(ids[i])
-                    audio = audios[i]
-                    if isinstance(audio, str):
-                        yield Item(key, None, columns, audio)
-                    else:
-                        yield Item(key, audio, columns)
-                row += 1
-
-
-def _is_list(kind) -> bool:
-    import pyarrow as pa
-
-    return (
-        pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
-    )
-
-
-def _is_string(kind) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
-
-
-def _audio_values(batch, column: str, fs, folder: str) -> list[Audio | str]:
-    """Each row's audio, or a message saying why the row has none."""
-    import pyarrow as pa
-
-    values = batch.column(column)
-    kind = values.type
-    n = batch.num_rows
-    if pa.types.is_struct(kind):
-        fields = {kind.field(i).name for i in range(kind.num_fields)}
-        valid = values.is_valid().to_pylist()
-        if "array" in fields and "bytes" not in fields:
-            arrays = values.field("array")
-            rates = values.field("sampling_rate").to_pylist()
-            return [
-                _samples(arrays[i], rates[i]) if valid[i] else "the audio is null" for i in range(n)
-            ]
-        data = values.field("bytes") if "bytes" in fields else pa.nulls(n)
-        paths = values.field("path").to_pylist() if "path" in fields else [None] * n
-        out: list[Audio | str] = []
-        for i in range(n):
-            blob = data[i].as_py() if valid[i] else None
-            if blob is not None:
-                out.append(blob)
-            elif valid[i] and paths[i]:
-                out.append(_audio_file(paths[i], fs, folder))
-            else:
-                out.append("the audio is null (no bytes and no path)")
-        return out
-    if _is_string(kind):
-        return [
-            "the audio path is null" if p is None else _audio_file(p, fs, folder)
-            for p in values.to_pylist()
-        ]
-    if _is_list(kind):
-        rates = batch.column("sampling_rate").to_pylist()
-        return [
-            _samples(values[i], rates[i]) if values[i].is_valid else "the audio is null"
-            for i in range(n)
-        ]
-    return [b if b is not None else "the audio is null" for b in values.to_pylist()]
-
-
-def _samples(scalar, rate) -> Samples | str:
-    """`[samples]` or `[channels, samples]` from a list (of lists) scalar."""
-    import pyarrow as pa
-
-    if not scalar.is_valid:
-        return "the audio array is null"
-    if rate is None:
-        return "the sampling rate is null"
-    values = scalar.values
-    if _is_list(values.type):
-        rows = [values[c].values.to_numpy(zero_copy_only=False) for c in range(len(values))]
-        if not rows or len({len(r) for r in rows}) != 1:
-            return "the channels of the audio array differ in length"
-        return Samples(np.stack(rows), rate)
-    if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
-        return f"the audio array holds {values.type}, not numbers"
-    return Samples(values.to_numpy(zero_copy_only=False), rate)
-
-
-def _audio_file(path: str, fs, folder: str) -> AudioFile:
-    """A path found in a table: a URL, an absolute local path, or relative to the shard."""
-    if "://" in path or "::" in path:
-        file_fs, file_path = _filesystem(path)
-        return AudioFile(file_path, None if _is_local(file_fs) else file_fs)
-    if _is_local(fs):
-        return AudioFile(path if os.path.isabs(path) else os.path.join(folder, path))
-    return AudioFile(path if path.startswith("/") else f"{folder}/{path}", fs)
-
-
-class _TrackedFile(io.RawIOBase):
+# ---- shards that are files ----
+class TrackedFile(io.RawIOBase):
     """A shard file as a parser reads it: every read is clamped to what the file has left (a
     damaged header cannot make a reader allocate more), and a failure of the storage itself is
     remembered, so that the parser's own error is not mistaken for damaged data."""
@@ -683,30 +522,33 @@ class _TrackedFile(io.RawIOBase):
         return self._call(self._f.tell)
 
 
-# Errors a parser raises for damaged content (when the storage did not fail).
-def _damage_types():
+def damage_types() -> tuple[type[BaseException], ...]:
+    """The errors a parser (pyarrow, tarfile, ours) raises for damaged content; they mean damage
+    only when the storage itself did not fail (`TrackedFile.failed`)."""
     import pyarrow as pa
 
     return (pa.ArrowException, OSError, ValueError, EOFError, tarfile.TarError, ShardError)
 
 
-class _FileShardBase(Shard):
-    """A shard that is one file on a file system, parsed by `_parse(file, start)`."""
+class FileShard(Shard):
+    """A shard that is one file on a file system, parsed by a subclass's `_parse(file, start)`
+    (which yields the items from index `start` on): damage its parser meets becomes ShardError,
+    storage failures propagate."""
 
     def __init__(self, fs, path: str, name: str, size: int | None):
         self.fs, self.path, self.name, self.size = fs, path, name, size
 
     def items(self, start: int = 0) -> Iterator[Item]:
         with self.fs.open(self.path, "rb") as raw:
-            f = _TrackedFile(raw, self.size)
+            f = TrackedFile(raw, self.size)
             try:
                 yield from self._parse(f, start)
-            except _damage_types() as err:
+            except damage_types() as err:
                 if f.failed is not None:
                     raise  # the storage, not the data
                 if isinstance(err, ShardError):
                     raise
-                raise ShardError(_first_line(err)) from None
+                raise ShardError(first_line(err)) from None
 
     def _parse(self, f, start: int) -> Iterator[Item]:
         raise NotImplementedError
@@ -715,364 +557,7 @@ class _FileShardBase(Shard):
         return self.path.rsplit("/", 1)[0] if "/" in self.path else ""
 
 
-class _ParquetShard(_FileShardBase):
-    def __init__(self, fs, path, name, size, columns: _Columns):
-        super().__init__(fs, path, name, size)
-        self.columns = columns
-        self._rows: int | None = None
-
-    def count(self) -> int | None:
-        if self._rows is None and _is_local(self.fs):
-            import pyarrow.parquet as pq
-
-            try:
-                self._rows = pq.ParquetFile(self.path).metadata.num_rows
-            except Exception:  # damaged: reading it will say so
-                return None
-        return self._rows
-
-    def _parse(self, f, start: int) -> Iterator[Item]:
-        import pyarrow.parquet as pq
-
-        # pyarrow decodes a whole row group at a time; buffered reads keep it from also
-        # holding the raw column chunk (measured: 1x instead of 2x the row group's bytes)
-        parquet = pq.ParquetFile(f, buffer_size=PARQUET_BUFFER)
-        schema = parquet.schema_arrow
-        problem = self.columns.problem(schema, self.name)
-        if problem:
-            raise ShardError(problem)
-        meta = parquet.metadata
-        groups, skip = [], start
-        for g in range(meta.num_row_groups):
-            rows = meta.row_group(g).num_rows
-            if not groups and skip >= rows:
-                skip -= rows
-                continue
-            groups.append(g)
-        if not groups:
-            return
-        batches = parquet.iter_batches(
-            batch_size=BATCH_ROWS, row_groups=groups, columns=self.columns.needed(schema)
-        )
-        yield from self.columns.items(_drop_rows(batches, skip), start, self.fs, self._folder())
-
-
-class _ArrowStreamShard(_FileShardBase):
-    """One `.arrow` file of a `save_to_disk` folder (Arrow IPC stream format)."""
-
-    def __init__(self, fs, path, name, size, columns: _Columns):
-        super().__init__(fs, path, name, size)
-        self.columns = columns
-
-    def _parse(self, f, start: int) -> Iterator[Item]:
-        import pyarrow as pa
-
-        reader = pa.ipc.open_stream(f)
-        problem = self.columns.problem(reader.schema, self.name)
-        if problem:
-            raise ShardError(problem)
-        needed = self.columns.needed(reader.schema)
-
-        def batches():
-            skip = start
-            for batch in reader:
-                if skip >= batch.num_rows:
-                    skip -= batch.num_rows
-                    continue
-                batch = batch.select(needed)
-                for offset in range(skip, batch.num_rows, BATCH_ROWS):
-                    yield batch.slice(offset, BATCH_ROWS)
-                skip = 0
-
-        yield from self.columns.items(batches(), start, self.fs, self._folder())
-
-
-def _drop_rows(batches, skip: int):
-    for batch in batches:
-        if skip >= batch.num_rows:
-            skip -= batch.num_rows
-            continue
-        yield batch.slice(skip) if skip else batch
-        skip = 0
-
-
-def _table_schema(fs, path: str, kind: str):
-    """The Arrow schema of a Parquet or `.arrow` file (for the kept columns' types)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        with fs.open(path, "rb") as raw:
-            f = _TrackedFile(raw, fs.size(path))
-            if kind == "parquet":
-                return pq.ParquetFile(f).schema_arrow
-            return pa.ipc.open_stream(f).schema
-    except _damage_types() as err:
-        raise SourceError(f"cannot read {path}: {_first_line(err)}") from None
-
-
-def _parquet_source(spec: str, columns: _Columns) -> Source:
-    fs, _ = _filesystem(spec)
-    files = _expand(spec)
-    _, names = _relative_names([p for p, _ in files])
-    return _table_source(
-        "parquet",
-        spec,
-        fs,
-        [(p, n, s) for (p, s), n in zip(files, names, strict=True)],
-        columns,
-        _ParquetShard,
-        {},
-    )
-
-
-def _saved_source(spec: str, split: str | None, columns: _Columns) -> Source:
-    """A folder written by `Dataset.save_to_disk` (or `DatasetDict.save_to_disk`, with a split)."""
-    fs, root = _filesystem(spec)
-    root = root.rstrip("/")
-    if fs.exists(f"{root}/dataset_dict.json"):
-        splits = _read_json(fs, f"{root}/dataset_dict.json").get("splits")
-        if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
-            raise SourceError(f"{spec}/dataset_dict.json does not list the splits")
-        chosen = split or ("train" if "train" in splits else None)
-        if chosen not in splits:
-            raise SourceError(
-                f"{spec} holds the splits {', '.join(splits)}: choose one with --split"
-            )
-        root, split = f"{root}/{chosen}", chosen
-    state = _read_json(fs, f"{root}/state.json")
-    files = state.get("_data_files")
-    if (
-        not isinstance(files, list)
-        or not files
-        or not all(isinstance(f, dict) and isinstance(f.get("filename"), str) for f in files)
-    ):
-        raise SourceError(f"{root}/state.json does not list the dataset's .arrow files")
-    names = [f["filename"] for f in files]
-    if any("/" in n or n.startswith(".") for n in names):
-        raise SourceError(f"{root}/state.json names files outside the folder")
-    shards = []
-    for name in names:
-        try:
-            size = fs.size(f"{root}/{name}")
-        except FileNotFoundError:
-            raise SourceError(f"{spec}: {name}, listed in state.json, is missing") from None
-        shards.append((f"{root}/{name}", name, size))
-    return _table_source("saved", spec, fs, shards, columns, _ArrowStreamShard, {"split": split})
-
-
-def _table_source(kind, spec, fs, files, columns: _Columns, shard_class, extra) -> Source:
-    schema = _table_schema(fs, files[0][0], kind)
-    problem = columns.problem(schema, files[0][1])
-    if problem:
-        raise SourceError(problem + " (choose the columns with --audio-column, --id-column, "
-                          "--keep-columns)")  # fmt: skip
-    types = {c: schema.field(c).type for c in columns.keep}
-    columns = dataclasses.replace(columns, types=types)
-    shards: list[Shard] = [shard_class(fs, p, n, s, columns) for p, n, s in files]
-    return Source(kind, spec, shards, {**columns.options(), **extra}, types)
-
-
-def _read_json(fs, path: str) -> dict:
-    try:
-        if (fs.size(path) or 0) > 1 << 24:  # far more than these small files hold
-            raise SourceError(f"{path} is too large to be a dataset's state file")
-        with fs.open(path, "rb") as f:
-            value = json.loads(f.read())
-    except FileNotFoundError:
-        raise SourceError(f"{path} is missing") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise SourceError(f"cannot read {path}: {err}") from None
-    if not isinstance(value, dict):
-        raise SourceError(f"{path} does not hold a JSON object")
-    return value
-
-
-class _HubShard(Shard):
-    """One shard of a dataset streamed by `datasets.load_dataset(..., streaming=True)`."""
-
-    def __init__(self, dataset, index: int, count: int, name: str, columns: _Columns):
-        self.dataset, self.index, self.total = dataset, index, count
-        self.name, self.columns = name, columns
-
-    def items(self, start: int = 0) -> Iterator[Item]:
-        import pyarrow as pa
-
-        part = self.dataset.shard(num_shards=self.total, index=self.index)
-        if start:
-            part = part.skip(start)
-        tables = part.with_format("arrow").iter(batch_size=BATCH_ROWS)
-        try:
-            batches = (batch for table in tables for batch in table.to_batches())
-            yield from self.columns.items(batches, start, None, "")
-        except pa.ArrowException as err:
-            raise ShardError(_first_line(err)) from None
-
-
-def _hub_source(spec: str, config: str | None, split: str, columns: _Columns) -> Source:
-    try:
-        import datasets
-    except ImportError:
-        raise SourceError(
-            f"reading the Hugging Face dataset {spec} needs the datasets package "
-            f"(pip install datasets)"
-        ) from None
-    from datasets import utils as datasets_utils
-
-    quiet = datasets_utils.are_progress_bars_disabled()
-    datasets_utils.disable_progress_bars()  # "Resolving data files": tokenize has its own bar
-    try:
-        dataset = datasets.load_dataset(spec, config, split=split, streaming=True)
-    except Exception as err:  # the Hub's and the builders' errors, one line
-        raise SourceError(f"cannot stream the dataset {spec}: {_first_line(err)}") from None
-    finally:
-        if not quiet:
-            datasets_utils.enable_progress_bars()
-    if not isinstance(dataset, datasets.IterableDataset):
-        raise SourceError(f"{spec} did not load as one streamable split")
-    features = dataset.features
-    if features is not None:
-        schema = features.arrow_schema
-    else:  # the builder does not say: the first row does
-        first = next(iter(dataset.with_format("arrow").iter(batch_size=1)), None)
-        if first is None:
-            raise SourceError(f"the dataset {spec} ({split}) is empty")
-        schema = first.schema
-    problem = columns.problem(schema, f"the dataset {spec} ({split})")
-    if problem:
-        raise SourceError(problem)
-    count = dataset.num_shards
-    names = _hub_shard_names(dataset, count)
-    dataset = dataset.select_columns(columns.needed(schema))
-    shards: list[Shard] = [_HubShard(dataset, i, count, names[i], columns) for i in range(count)]
-    options = {**columns.options(), "dataset": spec, "config": config, "split": split}
-    return Source("hf", spec, shards, options, {c: schema.field(c).type for c in columns.keep})
-
-
-def _hub_shard_names(dataset, count: int) -> list[str]:
-    """The data files behind the shards where `datasets` tells them (it does for file-based
-    builders), else numbers."""
-    files = getattr(getattr(dataset, "_ex_iterable", None), "kwargs", {}).get("files")
-    if isinstance(files, list) and len(files) == count and all(isinstance(f, str) for f in files):
-        _, names = _relative_names([f.split("::")[0] for f in files])
-        if len(set(names)) == count:
-            return names
-    return [f"shard-{i:05d}-of-{count:05d}" for i in range(count)]
-
-
-# ---- WebDataset tar shards ----
-class _TarShard(_FileShardBase):
-    def __init__(self, fs, path, name, size, audio_ext: str | None, keep: tuple[str, ...]):
-        super().__init__(fs, path, name, size)
-        self.audio_ext, self.keep = audio_ext, keep
-
-    def _wanted(self, ext: str) -> bool:
-        return ext in self.keep or self._is_audio(ext)
-
-    def _is_audio(self, ext: str) -> bool:
-        if self.audio_ext is not None:
-            return ext == self.audio_ext
-        return "." + ext.rsplit(".", 1)[-1] in AUDIO_EXTENSIONS
-
-    def _parse(self, f, start: int) -> Iterator[Item]:
-        head = f.read(2)
-        f.seek(0)
-        if head == b"\x1f\x8b":
-            raise ShardError("a gzip-compressed tar: tokenize reads plain .tar shards")
-        tar = tarfile.open(fileobj=f, mode="r:")
-        for index, key, members in self._samples(tar, f, start):
-            if index >= start:
-                yield self._item(key, members)
-        self._check_end(tar, f)
-
-    def _samples(self, tar, f, start: int):
-        """(sample index, key, {extension: bytes, or None where not read}), in tar order,
-        grouped as WebDataset groups consecutive members with the same key."""
-        key, members, index = None, {}, -1
-        while True:
-            info = tar.next()
-            if info is None:
-                break
-            tar.members = []  # tarfile keeps every header otherwise
-            name = info.name
-            if not info.isreg() or _WDS_META.match(name):
-                continue
-            if "/" not in name and name.startswith("__") and name.endswith("__"):
-                continue
-            match = _WDS_KEY.match(name)
-            if match is None:
-                continue  # no extension: WebDataset ignores it too
-            prefix, ext = match.group(1), match.group(2).lower()
-            if prefix != key:
-                if key is not None:
-                    yield index, key, members
-                key, members, index = prefix, {}, index + 1
-            if ext in members:
-                raise ShardError(f"{name}: a second .{ext} member for the key {key}")
-            members[ext] = (
-                self._read(tar, f, info) if index >= start and self._wanted(ext) else None
-            )
-        if key is not None:
-            yield index, key, members
-
-    def _read(self, tar, f, info) -> bytes:
-        if self.size is not None and info.offset_data + info.size > self.size:
-            raise ShardError(
-                f"{info.name} claims {info.size} bytes, past the end of the shard "
-                f"({self.size} bytes): the file is truncated or damaged"
-            )
-        member = tar.extractfile(info)
-        return member.read()
-
-    def _check_end(self, tar, f) -> None:
-        """tarfile ends quietly at a damaged header or the end of the file: only a zero block
-        (the end-of-archive marker) is a proper end."""
-        f.seek(tar.offset)
-        block = f.read(tarfile.BLOCKSIZE)
-        if block == bytes(tarfile.BLOCKSIZE):
-            return
-        if not block:
-            raise ShardError(
-                f"the tar ends at byte {tar.offset} without its end-of-archive marker (truncated?)"
-            )
-        raise ShardError(f"damaged tar header at byte {tar.offset}")
-
-    def _item(self, key: str, members: dict[str, bytes | None]) -> Item:
-        audio = [ext for ext in members if self._is_audio(ext)]
-        columns = {}
-        for ext in self.keep:
-            value = members.get(ext)
-            if value is not None:
-                try:
-                    value = value.decode("utf-8")
-                except UnicodeDecodeError:
-                    return Item(key, None, {}, f"the .{ext} member is not UTF-8 text")
-            columns[ext] = value
-        if len(audio) != 1:
-            if audio:
-                why = f"several audio members ({', '.join(audio)}): choose one with --audio-column"
-            else:
-                want = f".{self.audio_ext}" if self.audio_ext else "audio"
-                why = f"no {want} member (members: {', '.join(sorted(members)) or 'none'})"
-            return Item(key, None, columns, why)
-        return Item(key, members[audio[0]], columns)
-
-
-def _tar_source(spec: str, audio_ext: str | None, keep: tuple[str, ...]) -> Source:
-    import pyarrow as pa
-
-    fs, _ = _filesystem(spec)
-    files = _expand(spec)
-    _, names = _relative_names([p for p, _ in files])
-    ext = audio_ext.lower().lstrip(".") if audio_ext else None
-    keep = tuple(k.lower().lstrip(".") for k in keep)
-    shards: list[Shard] = [
-        _TarShard(fs, p, n, s, ext, keep) for (p, s), n in zip(files, names, strict=True)
-    ]
-    options = {"audio_column": ext, "keep_columns": list(keep)}
-    return Source("webdataset", spec, shards, options, {k: pa.string() for k in keep})
-
-
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """An exception's message in one line (its type's name if it has none)."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import encodec_jax.pipeline as pipeline_module
 import encodec_jax.tokenize as tokenize_module
 from encodec_jax.audio import decode_audio
 from encodec_jax.batching import BatchCodec, EncodedItem
@@ -450,7 +451,7 @@ def test_pipeline_fills_batches_and_bounds_memory(monkeypatch):
     def read_audio(audio, rate, channels, name):
         return np.zeros(int(audio))
 
-    monkeypatch.setattr(tokenize_module, "read_audio", read_audio)
+    monkeypatch.setattr(pipeline_module, "read_audio", read_audio)
     codec = FakeCodec()
     pulled = {"count": 0}
 
@@ -458,13 +459,13 @@ def test_pipeline_fills_batches_and_bounds_memory(monkeypatch):
         for i, n in enumerate(lengths):
             pulled["count"] += 1
             alive["max"] = max(alive["max"], pulled["count"] - encoded())
-            yield tokenize_module._Record("s", str(i), int(n), {}, None, (0, i), (0, i + 1))
+            yield pipeline_module.Record("s", str(i), int(n), {}, None, (0, i), (0, i + 1))
 
     def encoded():
         return sum(len(b) for b in codec.batches)
 
     with ThreadPoolExecutor(2) as pool:
-        pipeline = tokenize_module._Pipeline(codec, pool, 2, lambda items, seconds: None)
+        pipeline = pipeline_module.Pipeline(codec, pool, 2, lambda items, seconds: None)
         shards = list(pipeline.shards(records(), 0, 300, lambda k: False))
     assert [k for k, _ in shards] == [0, 1, 2, 3] and pipeline.source_ended
     outcomes = [o for _, shard in shards for _, o in shard]
