@@ -18,6 +18,11 @@ AUDIO_EXTENSIONS = frozenset(
     ".wav .wave .flac .ogg .oga .opus .mp3 .aiff .aif .aifc .au .snd .caf .w64 .rf64".split()
 )
 
+# Resampling to the model's rate lengthens audio at most this much (8 kHz -> 512 kHz): a file
+# claiming a lower rate would make a small file a huge array.
+MAX_RESAMPLE_RATIO = 64
+_BLOCK_FRAMES = 1 << 16
+
 # libsndfile format names for the extensions whose upper-cased spelling is not one.
 _WRITE_FORMATS = {".wave": "WAV", ".aif": "AIFF", ".aifc": "AIFF", ".oga": "OGG", ".snd": "AU"}
 
@@ -41,9 +46,15 @@ def audio_info(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def load_audio(
-    path: str | os.PathLike, sample_rate: int, channels: int, name: str | None = None
+    path: str | os.PathLike,
+    sample_rate: int,
+    channels: int,
+    start: int = 0,
+    frames: int = -1,
+    *,
+    name: str | None = None,
 ) -> tuple[np.ndarray, list[str]]:
-    """Read an audio file as the model takes it.
+    """Read an audio file (or a window of it) as the model takes it.
 
     Stereo (or more) is mixed down to mono by averaging, mono is duplicated for stereo models,
     and files with more channels than a stereo model takes keep their first two (as the
@@ -53,18 +64,24 @@ def load_audio(
         path: any file libsndfile reads (wav, flac, ogg/vorbis/opus, mp3, aiff, ...).
         sample_rate: the model's sampling rate in Hz.
         channels: the model's channel count (1 or 2).
+        start, frames: the window to read, in the file's own frames (its sample rate): from
+            `start`, `frames` of them (-1: to the end). A window past the end is cut short.
         name: what error messages call the file (default "audio file PATH").
 
     Returns:
         (audio `[channels, samples]` float32, notes): one note per conversion, e.g.
         "resampled 44100 -> 24000 Hz", "mixed 2 channels down to mono".
 
+    Memory follows the samples the file really decodes to, never the length its header claims,
+    and resampling may lengthen the audio at most `MAX_RESAMPLE_RATIO` times.
+
     Raises:
-        AudioError: a missing, unreadable, corrupt or empty file, or one holding NaN/Inf.
+        AudioError: a missing, unreadable, corrupt or empty file, one holding NaN/Inf, or one
+            whose sample rate is so low that resampling would multiply its size beyond bounds.
     """
     name = name or f"audio file {path}"
     _check_exists(path, name)
-    return _read(os.fspath(path), sample_rate, channels, name)
+    return _read(os.fspath(path), sample_rate, channels, name, start=start, frames=frames)
 
 
 def decode_audio(
@@ -79,7 +96,8 @@ def decode_audio(
         name: what the error messages call it.
 
     Raises:
-        AudioError: empty, unrecognised or corrupt data, no samples, NaN/Inf.
+        AudioError: empty, unrecognised or corrupt data, no samples, NaN/Inf, a sample rate too
+            low to resample (as `load_audio`).
     """
     if len(data) == 0:
         raise AudioError(f"cannot read {name}: it is empty (0 bytes)")
@@ -93,7 +111,8 @@ def convert_audio(
     them: resampled and channel-converted as `load_audio` does.
 
     Raises:
-        AudioError: a bad layout, rate or dtype, no samples, NaN/Inf.
+        AudioError: a bad layout, rate or dtype, no samples, NaN/Inf, a rate too low to
+            resample (as `load_audio`).
     """
     data = np.asarray(samples)
     if data.ndim == 1:
@@ -106,20 +125,62 @@ def convert_audio(
         raise AudioError(f"{name}: expected floating-point samples, got {data.dtype}")
     if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate < 1:
         raise AudioError(f"{name}: expected a positive integer sampling rate, got {rate!r}")
+    _check_rate(int(rate), sample_rate, name)
     return _convert(data.T.astype(np.float32), int(rate), sample_rate, channels, name)
 
 
 def _read(
-    file, sample_rate: int, channels: int, name: str, head: bytes | None = None
+    file,
+    sample_rate: int,
+    channels: int,
+    name: str,
+    head: bytes | None = None,
+    start: int = 0,
+    frames: int = -1,
 ) -> tuple[np.ndarray, list[str]]:
+    """A file (path or file object) decoded as `load_audio` describes; `head` (the first bytes
+    of data held in memory) lets the error say why libsndfile does not know the format."""
     try:
-        data, rate = sf.read(file, dtype="float32", always_2d=True)
+        with sf.SoundFile(file) as f:
+            rate = f.samplerate
+            _check_rate(rate, sample_rate, name)
+            if start:
+                f.seek(start)
+            data = _read_blocks(f, frames)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
+        if isinstance(err, AudioError):
+            raise
         reason = _reason(err)
         if head is not None and "not recognised" in reason:
             reason += _unsupported_hint(head)
         raise AudioError(f"cannot read {name}: {reason}") from None
     return _convert(data, rate, sample_rate, channels, name)
+
+
+def _check_rate(rate: int, sample_rate: int, name: str) -> None:
+    if sample_rate > MAX_RESAMPLE_RATIO * rate:
+        raise AudioError(
+            f"{name} has a sample rate of {rate} Hz; resampling it to {sample_rate} Hz would "
+            f"make it {sample_rate / rate:.0f} times longer (at most {MAX_RESAMPLE_RATIO} is "
+            f"accepted)"
+        )
+
+
+def _read_blocks(f: sf.SoundFile, frames: int = -1) -> np.ndarray:
+    """`frames` frames of `f` from where it stands (-1: to its end) as float32 `[frames,
+    channels]`, read block by block: a header may claim any length, and reading it at once
+    would allocate the claim."""
+    blocks, left = [], frames
+    while left != 0:
+        size = _BLOCK_FRAMES if left < 0 else min(_BLOCK_FRAMES, left)
+        block = f.read(size, dtype="float32", always_2d=True)
+        if block.shape[0] == 0:
+            break
+        blocks.append(block)
+        left = left - block.shape[0] if left > 0 else left
+    if not blocks:
+        return np.zeros((0, f.channels), np.float32)
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
 def _convert(

@@ -10,9 +10,13 @@ model (`EncodecModel.from_pretrained`) and the training discriminator load throu
 
 from __future__ import annotations
 
-import json
+import io
 import os
+import pickle
+import pickletools
 import re
+import struct
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -23,6 +27,7 @@ from flax import nnx
 
 from .atomic import atomic_write
 from .hub import checkpoint_file
+from .untrusted import check_zip_members, parse_json_object
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -158,14 +163,18 @@ def _key(path: tuple) -> str:
 # ---- files ----
 def read_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     """Tensors of a local checkpoint directory: model.safetensors (or its sharded index), else
-    pytorch_model.bin (needs torch)."""
+    pytorch_model.bin (needs torch).
+
+    Raises:
+        FileNotFoundError: no weights file, or a shard the index lists is missing.
+        ValueError: a damaged or hostile weights file or index, naming it.
+    """
     directory = Path(directory)
     if (directory / SAFETENSORS_NAME).is_file():
         return _read_safetensors(directory / SAFETENSORS_NAME)
     if (directory / SAFETENSORS_INDEX_NAME).is_file():
-        index = json.loads((directory / SAFETENSORS_INDEX_NAME).read_text())
         tensors: dict[str, np.ndarray] = {}
-        for shard in sorted(set(index["weight_map"].values())):
+        for shard in _index_shards(directory / SAFETENSORS_INDEX_NAME):
             if not (directory / shard).is_file():
                 raise FileNotFoundError(
                     f"{directory / shard}, listed in {SAFETENSORS_INDEX_NAME}, does not exist"
@@ -173,10 +182,32 @@ def read_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
             tensors.update(_read_safetensors(directory / shard))
         return tensors
     if (directory / PYTORCH_NAME).is_file():
-        return read_torch_state_dict(directory / PYTORCH_NAME)
+        state = read_torch_state_dict(directory / PYTORCH_NAME)
+        if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+            raise ValueError(
+                f"{directory / PYTORCH_NAME} holds a {type(state).__name__}, not a state dict "
+                "(a mapping from tensor names to tensors)"
+            )
+        return dict(state)
     raise FileNotFoundError(
         f"No weights in {directory}: expected {SAFETENSORS_NAME} or {PYTORCH_NAME}"
     )
+
+
+def _index_shards(path: Path) -> list[str]:
+    """The shard files a safetensors index names, each a file beside the index."""
+    index = parse_json_object(path.read_bytes(), str(path), ValueError)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(shard, str) for shard in weight_map.values()
+    ):
+        raise ValueError(f"{path} has no weight_map from tensor names to shard file names")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        # A hostile index must not make the loader read files outside the checkpoint.
+        if not shard or Path(shard).name != shard or shard in (".", ".."):
+            raise ValueError(f"{path} names the shard {shard!r}, not a file beside the index")
+    return shards
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -184,16 +215,25 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     try:
+        # The library checks every tensor's extent against the file before reading it.
         return load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"Cannot read {path}: not a valid safetensors file ({err})") from err
+    except (SafetensorError, OSError, ValueError, TypeError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"Cannot read {path}: not a valid safetensors file ({reason})") from None
 
 
 def read_torch_state_dict(path: str | os.PathLike) -> dict:
     """Unpickle a PyTorch checkpoint with `torch.load(weights_only=True)`; tensors become NumPy.
 
-    Raises ImportError with instructions when torch is not installed: PyTorch pickles cannot be
-    read without it (safetensors files can).
+    `weights_only` keeps a hostile pickle from running code. Allocation is bounded too: torch
+    checks each storage of a zip archive against its record, and for the legacy format (no zip),
+    which allocates every storage a pickle claims before reading it, the claims are checked
+    against the file first. A tensor may not claim more elements than its storage holds.
+
+    Raises:
+        ImportError: with instructions when torch is not installed: PyTorch pickles cannot be
+            read without it (safetensors files can).
+        ValueError: for a damaged or hostile file, naming it.
     """
     try:
         import torch
@@ -205,19 +245,140 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict:
     with open(path, "rb") as f:
         magic = f.read(4)
     # torch.save writes a zip archive; older PyTorch wrote a bare pickle (protocol byte 0x80).
-    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+    if magic == b"PK\x03\x04":
+        _check_torch_zip(path)
+        source = str(path)
+    elif magic[:1] == b"\x80":
+        with open(path, "rb") as f:
+            data = f.read()
+        _check_legacy_torch_pickle(data, path)
+        # From memory: torch would read each length the pickle claims from the file at once.
+        source = io.BytesIO(data)
+    else:
         raise ValueError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+        return _tensors_to_numpy(obj, torch)
     except Exception as err:  # torch raises many types for corrupt or foreign files
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         reason = reason.split(". ")[0].rstrip(".")  # torch appends paragraphs of advice
-        raise ValueError(f"Cannot read {path}: corrupt or not a checkpoint ({reason})") from err
-    return _tensors_to_numpy(obj, torch)
+        raise ValueError(f"Cannot read {path}: corrupt or not a checkpoint ({reason})") from None
+
+
+def _check_torch_zip(path) -> None:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        EOFError,
+        struct.error,
+        ValueError,
+        NotImplementedError,
+    ) as err:
+        # ValueError: a member name that is not UTF-8 though flagged so, a negative offset.
+        raise ValueError(f"Cannot read {path}: corrupt zip archive ({err})") from None
+    with archive:
+        check_zip_members(archive, os.path.getsize(path), str(path), ValueError)
+
+
+# Bytes per element of the storage types a legacy pickle names (`torch.FloatStorage`...).
+_STORAGE_ITEMSIZE = {
+    "DoubleStorage": 8,
+    "FloatStorage": 4,
+    "HalfStorage": 2,
+    "BFloat16Storage": 2,
+    "LongStorage": 8,
+    "IntStorage": 4,
+    "ShortStorage": 2,
+    "CharStorage": 1,
+    "ByteStorage": 1,
+    "BoolStorage": 1,
+    "ComplexFloatStorage": 8,
+    "ComplexDoubleStorage": 16,
+}
+
+
+class _Name:
+    """Whatever a pickle names, as an inert placeholder: scanning builds no real object."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+
+    def __call__(self, *args, **kwargs) -> _Name:
+        return _Name()
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+    def append(self, value) -> None:
+        pass
+
+    def extend(self, values) -> None:
+        pass
+
+
+class _StorageScan(pickle.Unpickler):
+    """Reads a legacy torch pickle without building anything, noting each storage it claims."""
+
+    def __init__(self, file) -> None:
+        super().__init__(file)
+        self.storages: dict[str, int] = {}
+
+    def find_class(self, module: str, name: str) -> _Name:
+        return _Name(name)
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
+            kind, key, numel = pid[1], pid[2], pid[4]
+            itemsize = _STORAGE_ITEMSIZE.get(getattr(kind, "name", ""), 16)
+            if not isinstance(numel, int) or numel < 0:
+                raise ValueError(f"a storage claims {numel!r} elements")
+            self.storages[str(key)] = numel * itemsize
+        return _Name()
+
+
+def _check_legacy_torch_pickle(data: bytes, path) -> None:
+    """Legacy layout: five pickles (magic number, protocol, system info, the object, the storage
+    keys), then each storage's 8-byte size and bytes. Every length an opcode claims and every
+    storage the object claims must fit in the file."""
+    stream = io.BytesIO(data)
+    storages: dict[str, int] = {}
+    try:
+        for i in range(5):
+            start = stream.tell()
+            # pickletools reads every argument from the buffer, so a claimed length beyond the
+            # file is an error here, where the unpickler would allocate it first.
+            for _ in pickletools.genops(stream):
+                pass
+            if i == 3:
+                scan = _StorageScan(io.BytesIO(data[start : stream.tell()]))
+                scan.load()
+                storages = scan.storages
+    except Exception as err:  # the pickle machinery raises many types for damaged data
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"Cannot read {path}: corrupt or not a checkpoint ({reason})") from None
+    claimed = sum(storages.values()) + 8 * len(storages)
+    if claimed > len(data) - stream.tell():
+        raise ValueError(
+            f"Cannot read {path}: corrupt checkpoint (its tensors claim {claimed} bytes, the "
+            f"file holds {len(data) - stream.tell()} after its pickles)"
+        )
 
 
 def _tensors_to_numpy(obj, torch):
     if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage().nbytes()
+        if obj.numel() * obj.element_size() > storage:
+            # A view repeating its storage (stride 0) would grow when converted.
+            raise ValueError(
+                f"a tensor of shape {tuple(obj.shape)} claims more elements than its storage "
+                f"({storage} bytes) holds: a view repeating its data, which a state dict of "
+                "weights does not hold"
+            )
         return obj.detach().to(torch.float32).numpy() if obj.is_floating_point() else obj.numpy()
     if isinstance(obj, Mapping):
         return {k: _tensors_to_numpy(v, torch) for k, v in obj.items()}

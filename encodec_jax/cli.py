@@ -5,6 +5,7 @@
     encodec-jax reconstruct IN -o OUT.wav    audio -> codes -> audio
     encodec-jax tokenize SOURCE -o OUT       a corpus -> Parquet shards of codes
     encodec-jax convert SRC OUT              PyTorch checkpoints -> encodec-jax directories
+    encodec-jax train --data DIR --out RUN   train or fine-tune on a folder of audio
 
 Every failure is one line on stderr and a non-zero exit status; outputs are written under a
 temporary name and renamed into place, so a failed command leaves no partial file.
@@ -267,6 +268,49 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train.config import load_config
+
+    overrides = {
+        "init": args.init,
+        "n_q": args.n_q,
+        "data.train": args.data,
+        "data.valid": args.valid,
+        "data.segment": args.segment,
+        "data.batch_size": args.batch_size,
+        "data.workers": args.workers,
+        "optim.lr": args.lr,
+        "run.steps": args.steps,
+        "run.seed": args.seed,
+        "run.checkpoint_every": args.checkpoint_every,
+        "run.keep": args.keep,
+        "run.log_every": args.log_every,
+        "run.valid_every": args.valid_every,
+        "run.compute_dtype": args.compute_dtype,
+    }
+    config = load_config(args.config_preset, args.config, overrides)
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    from .train.trainer import Trainer
+
+    trainer = Trainer(config, args.out, progress=not args.no_progress)
+    for folder in (trainer.train_folder, trainer.valid_folder):
+        for path, reason in folder.skipped if folder is not None else ():
+            print(f"note: skipping {os.path.join(folder.root, path)}: {reason}")
+    result = trainer.run()
+    shown = ", ".join(
+        f"{k} {result.metrics[k]:.4g}" for k in ("l1", "msspec") if k in result.metrics
+    )
+    print(
+        f"trained {result.step} steps in {result.seconds:.0f} s"
+        + (f" ({shown})" if shown else "")
+        + f"; weights in {result.export_dir}"
+    )
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
@@ -403,6 +447,49 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_options(tokenize)
     tokenize.set_defaults(run=_tokenize)
+
+    train = commands.add_parser(
+        "train",
+        help="train or fine-tune EnCodec on a folder of audio (resumable)",
+        description="Train EnCodec as audiocraft does (RVQ with EMA codebooks, MS-STFT "
+        "discriminator, balanced losses), from a preset (--config-preset) or from a checkpoint "
+        "(--init). Every option can also come from a YAML file (--config, same fields as "
+        "OUT/config.yaml); command-line options win. Run the same command again to resume.",
+    )
+    train.add_argument("--out", required=True, metavar="OUT", help="run folder")
+    train.add_argument("--data", default=None, metavar="DIR", help="training audio folder")
+    train.add_argument("--valid", default=None, metavar="DIR", help="validation audio folder")
+    train.add_argument(
+        "--init", default=None, metavar="MODEL", help="fine-tune this checkpoint (Hub id or dir)"
+    )
+    train.add_argument(
+        "--config-preset",
+        default=None,
+        metavar="NAME",
+        help="default, encodec_musicgen_32khz, encodec_base_24khz or tiny",
+    )
+    train.add_argument("--config", default=None, metavar="YAML", help="settings file")
+    train.add_argument("--steps", type=_positive_int, default=None, help="total steps")
+    train.add_argument(
+        "--batch-size", type=_positive_int, default=None, help="global batch (all devices)"
+    )
+    train.add_argument("--segment", type=_positive_float, default=None, help="seconds per item")
+    train.add_argument("--lr", type=_positive_float, default=None, help="learning rate")
+    train.add_argument("--n-q", type=_positive_int, default=None, help="codebooks to train")
+    train.add_argument("--seed", type=int, default=None, help="data and initialisation seed")
+    train.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N")
+    train.add_argument("--keep", type=_positive_int, default=None, help="checkpoints kept")
+    train.add_argument("--log-every", type=_positive_int, default=None, metavar="N")
+    train.add_argument("--valid-every", type=_positive_int, default=None, metavar="N")
+    train.add_argument("--workers", type=int, default=None, help="data loading processes")
+    train.add_argument(
+        "--compute-dtype", choices=["float32", "bfloat16"], default=None, help="SEANet compute"
+    )
+    train.add_argument(
+        "--distributed", action="store_true", help="call jax.distributed.initialize() first"
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
 
     convert = commands.add_parser(
         "convert",

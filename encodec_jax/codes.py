@@ -14,17 +14,21 @@ Two formats, chosen by the file's extension:
   frame by frame, padded to a whole byte at the end of the chunk. The header names the model
   instead of describing it, so only the package's two models can be stored:
   'encodec_24khz' and 'encodec_48khz'.
+
+Both readers treat the file as untrusted (`encodec_jax.untrusted`): anything damaged or hostile
+is a `CodesError` naming the file, and every length the file claims is checked against the bytes
+it holds before anything is allocated.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
 import struct
 import zipfile
+import zlib
 from typing import IO
 
 import numpy as np
@@ -32,6 +36,7 @@ import numpy as np
 from . import ops
 from .atomic import atomic_write
 from .config import ENCODEC_24KHZ, ENCODEC_48KHZ, EncodecConfig
+from .untrusted import check_zip_members, parse_json_object
 
 FORMAT_NAME = "encodec-jax-codes"
 FORMAT_VERSION = 1
@@ -96,6 +101,8 @@ class Codes:
                     f"audio_scales must hold one scale per chunk ({codes.shape[0]}), got "
                     f"{scales.shape[0]}"
                 )
+            if not np.isfinite(scales).all():
+                raise CodesError("audio_scales must be finite numbers, got NaN or Inf")
             object.__setattr__(self, "audio_scales", scales)
         if self.num_samples < 1:
             raise CodesError(f"num_samples must be positive, got {self.num_samples}")
@@ -190,12 +197,24 @@ def check_codes_fit(codes: Codes, config: EncodecConfig, model: str) -> None:
         problems.append(f"{codes.n_q} codebooks, model at most {config.num_quantizers}")
     if (codes.audio_scales is not None) != config.normalize:
         problems.append("scales " + ("present" if codes.audio_scales is not None else "missing"))
+    # The chunk count in O(1) first: the list of expected chunk frames has one entry per chunk,
+    # and a damaged file may claim any number of samples.
+    chunks = -(-codes.num_samples // (config.chunk_stride or codes.num_samples))
+    if not problems and chunks != len(codes.chunk_frames):
+        problems.append(
+            f"{len(codes.chunk_frames)} chunk(s), model {chunks} for {codes.num_samples} samples"
+        )
     if not problems and codes.chunk_frames != expected_chunk_frames(config, codes.num_samples):
         problems.append(
             f"chunk frames {codes.chunk_frames}, model "
             f"{expected_chunk_frames(config, codes.num_samples)} for {codes.num_samples} samples"
         )
     if problems:
+        if codes.model == model:
+            raise CodesError(
+                f"these codes say they were made by {model}, but they do not fit it: "
+                f"{'; '.join(problems)}"
+            )
         raise CodesError(
             f"these codes were made by {codes.model}, not by a model like {model}: "
             f"{'; '.join(problems)}"
@@ -245,15 +264,18 @@ def load_codes(path: str | os.PathLike) -> Codes:
     """Read a codes file (.npz or .ecdc by extension).
 
     Raises:
-        CodesError: for a missing, unreadable or malformed file, naming it.
+        CodesError: for a missing, unreadable, malformed, damaged or hostile file, naming it.
     """
     fmt = codes_format(path)
     if not os.path.isfile(path):
         raise CodesError(f"cannot read codes file {path}: no such file")
-    with open(path, "rb") as f:
-        if fmt == "ecdc":
-            return read_ecdc(f, name=os.fspath(path))
-        return read_npz(f, name=os.fspath(path))
+    try:
+        with open(path, "rb") as f:
+            if fmt == "ecdc":
+                return read_ecdc(f, name=os.fspath(path))
+            return read_npz(f, name=os.fspath(path))
+    except OSError as err:
+        raise CodesError(f"cannot read codes file {path}: {err.strerror or err}") from None
 
 
 def write_npz(f: IO[bytes], codes: Codes) -> None:
@@ -277,43 +299,137 @@ def write_npz(f: IO[bytes], codes: Codes) -> None:
 
 
 def read_npz(f: IO[bytes], name: str = "codes file") -> Codes:
-    """Read encodec-jax's .npz from the binary file object `f` (`name` is for messages)."""
+    """Read encodec-jax's .npz from the seekable binary file object `f` (`name` is for messages).
+
+    Only the documented arrays are read, each after checking that the shape its header claims
+    is what its bytes hold; object (pickled) arrays are refused.
+
+    Raises:
+        CodesError: for anything but a well-formed codes .npz.
+    """
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
     try:
-        with np.load(f, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        with zipfile.ZipFile(f) as archive:
+            members = check_zip_members(archive, size, f"codes file {name}", CodesError)
+            arrays = {
+                info.filename[: -len(".npy")]: _read_npy(archive, info, name)
+                for info in members
+                if info.filename[: -len(".npy")] in _NPZ_KEYS and info.filename.endswith(".npy")
+            }
+    except CodesError:
+        raise
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        ValueError,
+        struct.error,
+        NotImplementedError,  # a zip version zipfile does not read
+    ) as err:
         raise CodesError(f"cannot read codes file {name}: not a valid .npz ({err})") from None
-    if str(arrays.get("format", "")) != FORMAT_NAME:
+    form = arrays.get("format")
+    if form is None or form.shape != () or form.dtype.kind != "U" or str(form) != FORMAT_NAME:
         raise CodesError(f"{name} is not an encodec-jax codes file (no format '{FORMAT_NAME}')")
-    if int(arrays.get("version", 0)) > FORMAT_VERSION:
+    version = _npz_int(arrays, "version", name) if "version" in arrays else 0
+    if version > FORMAT_VERSION:
         raise CodesError(
-            f"{name} is codes format version {int(arrays['version'])}; this encodec-jax reads "
+            f"{name} is codes format version {version}; this encodec-jax reads "
             f"up to version {FORMAT_VERSION}"
         )
-    required = (
-        "model sample_rate channels num_samples bandwidth n_q codebook_size audio_codes "
-        "chunk_frames"
-    ).split()
-    missing = [key for key in required if key not in arrays]
+    missing = [key for key in _NPZ_REQUIRED if key not in arrays]
     if missing:
         raise CodesError(f"codes file {name} lacks {', '.join(missing)}")
+    numbers = {
+        key: _npz_int(arrays, key, name)
+        for key in ("sample_rate", "channels", "num_samples", "n_q", "codebook_size")
+    }
+    for key, value in numbers.items():
+        if value < 1:
+            raise CodesError(f"codes file {name} is malformed: {key} must be positive, got {value}")
+    bandwidth = _npz_float(arrays, "bandwidth", name)
+    frames = arrays["chunk_frames"]
+    if frames.ndim != 1 or frames.dtype.kind not in "iu":
+        raise CodesError(
+            f"codes file {name} is malformed: chunk_frames must be a list of integers, got "
+            f"{frames.dtype} {frames.shape}"
+        )
     try:
         codes = Codes(
-            model=str(arrays["model"]),
-            sample_rate=int(arrays["sample_rate"]),
-            channels=int(arrays["channels"]),
-            num_samples=int(arrays["num_samples"]),
-            bandwidth=float(arrays["bandwidth"]),
-            codebook_size=int(arrays["codebook_size"]),
+            model=_npz_text(arrays, "model", name),
+            sample_rate=numbers["sample_rate"],
+            channels=numbers["channels"],
+            num_samples=numbers["num_samples"],
+            bandwidth=bandwidth,
+            codebook_size=numbers["codebook_size"],
             audio_codes=arrays["audio_codes"],
             audio_scales=arrays.get("audio_scales"),
-            chunk_frames=tuple(int(x) for x in np.asarray(arrays["chunk_frames"]).reshape(-1)),
+            chunk_frames=tuple(int(x) for x in frames),
         )
     except (TypeError, ValueError) as err:
         raise CodesError(f"codes file {name} is malformed: {err}") from None
-    if codes.n_q != int(arrays["n_q"]):
+    if codes.n_q != numbers["n_q"]:
         raise CodesError(f"codes file {name} is malformed: n_q does not match audio_codes")
     return codes
+
+
+_NPZ_REQUIRED = (
+    "model sample_rate channels num_samples bandwidth n_q codebook_size audio_codes chunk_frames"
+).split()
+_NPZ_KEYS = frozenset(["format", "version", "audio_scales", *_NPZ_REQUIRED])
+# The dtype kinds a codes .npz holds: signed and unsigned integers, floats, text.
+_NPZ_KINDS = "iufU"
+
+
+def _read_npy(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> np.ndarray:
+    """One .npy member, allocated only once its header's shape matches its size."""
+    key = info.filename[: -len(".npy")]
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise CodesError(f"codes file {name} is malformed: {key} is .npy version {version}")
+        if dtype.hasobject or dtype.kind not in _NPZ_KINDS or dtype.itemsize == 0:
+            raise CodesError(f"codes file {name} is malformed: {key} has dtype {dtype}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes != info.file_size - member.tell():
+            raise CodesError(
+                f"codes file {name} is corrupt: its {key} claims shape {shape} of {dtype} "
+                f"({nbytes} bytes) but holds {info.file_size - member.tell()} bytes"
+            )
+        data = member.read(nbytes)
+    if len(data) != nbytes:
+        raise CodesError(f"codes file {name} is truncated: {key} ends early")
+    order = "F" if fortran else "C"
+    return np.frombuffer(data, dtype).reshape(shape, order=order).copy()
+
+
+def _npz_scalar(arrays: dict[str, np.ndarray], key: str, name: str, kinds: str, what: str):
+    value = arrays[key]
+    if value.shape != () or value.dtype.kind not in kinds:
+        raise CodesError(
+            f"codes file {name} is malformed: {key} must be {what}, got {value.dtype} {value.shape}"
+        )
+    return value.item()
+
+
+def _npz_int(arrays: dict[str, np.ndarray], key: str, name: str) -> int:
+    return int(_npz_scalar(arrays, key, name, "iu", "one integer"))
+
+
+def _npz_float(arrays: dict[str, np.ndarray], key: str, name: str) -> float:
+    value = float(_npz_scalar(arrays, key, name, "iuf", "one number"))
+    if not math.isfinite(value) or value <= 0:
+        raise CodesError(f"codes file {name} is malformed: {key} must be positive, got {value}")
+    return value
+
+
+def _npz_text(arrays: dict[str, np.ndarray], key: str, name: str) -> str:
+    return str(_npz_scalar(arrays, key, name, "U", "text"))
 
 
 # ---- .ecdc, the encodec package's format ----
@@ -362,26 +478,33 @@ def read_ecdc(f: IO[bytes], name: str = "codes file") -> Codes:
 
     Chunk boundaries and frame counts follow from the header's audio length as in the
     package's `decompress`; frames are counted exactly (ceil(samples / hop)), which is what the
-    encoder emits.
+    encoder emits. The bytes the header's length calls for are checked against the file before
+    anything is allocated.
+
+    Raises:
+        CodesError: for anything but a well-formed .ecdc file without entropy coding.
     """
     data = f.read()
-    view = io.BytesIO(data)
-    head = view.read(_ECDC_HEADER.size)
-    if len(head) < _ECDC_HEADER.size:
+    if len(data) < _ECDC_HEADER.size:
         raise CodesError(f"cannot read codes file {name}: too short for an .ecdc header")
-    magic, version, meta_size = _ECDC_HEADER.unpack(head)
+    magic, version, meta_size = _ECDC_HEADER.unpack_from(data)
     if magic != _ECDC_MAGIC:
         raise CodesError(f"cannot read codes file {name}: not an .ecdc file (no ECDC magic)")
     if version != 0:
         raise CodesError(f"cannot read codes file {name}: .ecdc version {version} unsupported")
+    offset = _ECDC_HEADER.size + meta_size
+    if offset > len(data):
+        raise CodesError(
+            f"cannot read codes file {name}: truncated .ecdc header (it claims {meta_size} "
+            f"bytes, the file holds {len(data) - _ECDC_HEADER.size} after the first "
+            f"{_ECDC_HEADER.size})"
+        )
     try:
-        meta = json.loads(view.read(meta_size).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        meta = parse_json_object(data[_ECDC_HEADER.size : offset], "it", ValueError)
+    except ValueError as err:
         raise CodesError(f"cannot read codes file {name}: bad .ecdc header ({err})") from None
-    model, length, n_q, use_lm = (
-        meta.get(key) if isinstance(meta, dict) else None for key in ("m", "al", "nc", "lm")
-    )
-    if model not in ECDC_MODELS:
+    model, length, n_q, use_lm = (meta.get(key) for key in ("m", "al", "nc", "lm"))
+    if not isinstance(model, str) or model not in ECDC_MODELS:
         raise CodesError(
             f"{name} was written by model {model!r}; .ecdc files name encodec_24khz or "
             f"encodec_48khz"
@@ -396,17 +519,35 @@ def read_ecdc(f: IO[bytes], name: str = "codes file") -> Codes:
     if not valid_int or length < 1 or not 1 <= n_q <= config.num_quantizers:
         raise CodesError(f"{name} has a bad .ecdc header: {meta}")
     bits = _ecdc_bits(config)
+    payload = len(data) - offset
+    # Chunks cover every sample, so the codes take at least this many bytes. Checked before the
+    # chunk list (one entry per chunk) and the code array are made: the header may claim any
+    # length.
+    chunks = -(-length // (config.chunk_stride or length))
+    least = math.ceil(ops.num_frames(length, config.hop_length) * n_q * bits / 8)
+    least += _ECDC_SCALE.size * chunks if config.normalize else 0
+    if least > payload:
+        raise CodesError(
+            f"{name} ends before its last chunk: truncated .ecdc file (its header claims "
+            f"{length} samples, whose codes take at least {least} bytes; it holds {payload})"
+        )
     frames = expected_chunk_frames(config, length)
+    scale_size = _ECDC_SCALE.size if config.normalize else 0
+    sizes = [scale_size + math.ceil(n * n_q * bits / 8) for n in frames]
+    if sum(sizes) < payload:
+        raise CodesError(f"{name} has data past the end of its last chunk: corrupt .ecdc file")
+    if sum(sizes) > payload:
+        raise CodesError(f"{name} ends before its last chunk: truncated .ecdc file")
     codes = np.zeros((len(frames), n_q, max(frames)), np.int32)
     scales = np.zeros(len(frames), np.float32) if config.normalize else None
-    for chunk, n_frames in enumerate(frames):
+    for chunk, (n_frames, size) in enumerate(zip(frames, sizes, strict=True)):
         if scales is not None:
-            scales[chunk] = _ECDC_SCALE.unpack(_read_exactly(view, _ECDC_SCALE.size, name))[0]
-        count = n_frames * n_q
-        packed = _read_exactly(view, math.ceil(count * bits / 8), name)
-        codes[chunk, :, :n_frames] = _unpack_bits(packed, count, bits).reshape(n_frames, n_q).T
-    if view.read(1):
-        raise CodesError(f"{name} has data past the end of its last chunk: corrupt .ecdc file")
+            scales[chunk] = _ECDC_SCALE.unpack_from(data, offset)[0]
+        packed = memoryview(data)[offset + scale_size : offset + size]
+        codes[chunk, :, :n_frames] = (
+            _unpack_bits(packed, n_frames * n_q, bits).reshape(n_frames, n_q).T
+        )
+        offset += size
     return Codes(
         model=model,
         sample_rate=config.sampling_rate,
@@ -439,14 +580,17 @@ def _pack_bits(values: np.ndarray, bits: int) -> bytes:
     return np.packbits(stream.astype(np.uint8).reshape(-1), bitorder="little").tobytes()
 
 
-def _unpack_bits(packed: bytes, count: int, bits: int) -> np.ndarray:
-    stream = np.unpackbits(np.frombuffer(packed, np.uint8), bitorder="little")
-    stream = stream[: count * bits].reshape(count, bits).astype(np.int64)
-    return (stream << np.arange(bits)).sum(axis=1)
+def _unpack_bits(packed: bytes | memoryview, count: int, bits: int) -> np.ndarray:
+    """`count` values of `bits` bits, LSB first, as int32 (the inverse of `_pack_bits`).
 
-
-def _read_exactly(view: io.BytesIO, size: int, name: str) -> bytes:
-    data = view.read(size)
-    if len(data) < size:
-        raise CodesError(f"{name} ends before its last chunk: truncated .ecdc file")
-    return data
+    Unpacked in blocks of whole bytes, so the bit array never exceeds one block.
+    """
+    out = np.empty(count, np.int32)
+    weights = np.left_shift(1, np.arange(bits, dtype=np.int32))
+    block = 8 * 8192  # values per block; a multiple of 8 starts every block on a byte
+    for start in range(0, count, block):
+        n = min(block, count - start)
+        chunk = np.frombuffer(packed, np.uint8, math.ceil(n * bits / 8), start * bits // 8)
+        stream = np.unpackbits(chunk, bitorder="little")[: n * bits].reshape(n, bits)
+        out[start : start + n] = stream.astype(np.int32) @ weights
+    return out

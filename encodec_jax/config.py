@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .atomic import atomic_write
+from .untrusted import is_finite, parse_json_object
 
 PAD_MODES = ("reflect", "constant", "replicate", "circular")
 NORM_TYPES = ("weight_norm", "time_group_norm")
@@ -73,10 +74,15 @@ class EncodecConfig:
         set_ = object.__setattr__
         for name, kind in (("target_bandwidths", numbers.Real), ("upsampling_ratios", int)):
             values = getattr(self, name)
-            if isinstance(values, (str, bytes)) or not all(
-                isinstance(v, kind) and not isinstance(v, bool) for v in values
+            if not isinstance(values, (list, tuple)) or not all(
+                isinstance(v, kind) and not isinstance(v, bool) and is_finite(v) for v in values
             ):
                 raise ValueError(f"Invalid EncodecConfig: {name} must be a list of numbers")
+            if len(values) > _MAX_LIST_LENGTH:
+                raise ValueError(
+                    f"Invalid EncodecConfig: {name} has {len(values)} entries, at most "
+                    f"{_MAX_LIST_LENGTH} are accepted"
+                )
         set_(self, "target_bandwidths", tuple(float(b) for b in self.target_bandwidths))
         set_(self, "upsampling_ratios", tuple(int(r) for r in self.upsampling_ratios))
         if self.codebook_dim is None:
@@ -100,6 +106,30 @@ class EncodecConfig:
                 name = expected.__name__ if isinstance(expected, type) else "a number"
                 fail(f"{field.name} must be {name}, got {value!r}")
 
+        for name, low in _LOWER_BOUNDS.items():
+            if getattr(self, name) < low:
+                fail(f"{name} must be at least {low}, got {getattr(self, name)}")
+        for name in ("chunk_length_s", "overlap", "trim_right_ratio"):
+            if getattr(self, name) is not None and not is_finite(getattr(self, name)):
+                fail(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not all(0 < b <= _MAX_BANDWIDTH for b in self.target_bandwidths):
+            fail(
+                f"target_bandwidths must be positive numbers of kbps up to {_MAX_BANDWIDTH:g}, "
+                f"got {self.target_bandwidths}"
+            )
+        if self.sampling_rate > _MAX_SAMPLING_RATE:
+            fail(f"sampling_rate is {self.sampling_rate} Hz, more than the {_MAX_SAMPLING_RATE}")
+        if self.chunk_length_s is not None and not (
+            is_finite(self.chunk_length_s * self.sampling_rate) and self.chunk_length >= 1
+        ):
+            fail(
+                f"chunk_length_s ({self.chunk_length_s} s) times sampling_rate must be a finite "
+                "number of at least one sample"
+            )
+        if self.overlap is not None and not 0 <= self.overlap < 1:
+            fail(f"overlap must be a fraction in [0, 1), got {self.overlap}")
+        if not 0 <= self.trim_right_ratio <= 1:
+            fail(f"trim_right_ratio must be in [0, 1], got {self.trim_right_ratio}")
         if self.norm_type not in NORM_TYPES:
             fail(f"norm_type must be one of {NORM_TYPES}, got {self.norm_type!r}")
         if self.pad_mode not in PAD_MODES:
@@ -129,6 +159,21 @@ class EncodecConfig:
                 f"the largest target bandwidth ({max(self.target_bandwidths)} kbps) leaves no "
                 f"quantizer at {self.frame_rate} frames/s and {self.codebook_nbits} bits/code"
             )
+        # Far beyond any published model, and small enough that building one (even abstractly:
+        # one Python object per layer) can neither hang nor exhaust memory.
+        for name, high in _UPPER_BOUNDS.items():
+            if getattr(self, name) > high:
+                fail(f"{name} is {getattr(self, name)}, more than the {high} accepted")
+        if self.dilation_growth_rate ** max(self.num_residual_layers - 1, 0) > _MAX_DILATION:
+            fail(
+                f"the last residual layer's dilation, dilation_growth_rate ** "
+                f"(num_residual_layers - 1), exceeds {_MAX_DILATION}"
+            )
+        if self.weights_size > MAX_WEIGHTS:
+            fail(
+                f"the model would hold about {self.weights_size:,} weights, more than the "
+                f"{MAX_WEIGHTS:,} accepted"
+            )
 
     # ---- derived quantities (same formulas as transformers.EncodecConfig) ----
     @property
@@ -154,6 +199,28 @@ class EncodecConfig:
     @property
     def chunk_stride(self) -> int | None:
         return chunk_length_and_stride(self.sampling_rate, self.chunk_length_s, self.overlap)[1]
+
+    @property
+    def weights_size(self) -> int:
+        """The number of weights of the convolutions, LSTMs and codebooks (biases and norms,
+        a few per channel, left out): what building the model allocates, to within 1% for the
+        published models."""
+        dims = [self.num_filters * 2**i for i in range(len(self.upsampling_ratios) + 1)]
+        residual = self.num_residual_layers * sum(
+            d * (d // self.compress) * (self.residual_kernel_size + 1)
+            + (d * d if self.use_conv_shortcut else 0)
+            for d in dims[:-1]
+        )
+        resample = sum(
+            4 * d * d * r for d, r in zip(dims[:-1], self.upsampling_ratios[::-1], strict=True)
+        )
+        lstm = self.num_lstm_layers * 8 * dims[-1] ** 2
+        # The decoder mirrors the encoder; their outer convolutions swap kernel sizes.
+        outer = (self.audio_channels * dims[0] + self.hidden_size * dims[-1]) * (
+            self.kernel_size + self.last_kernel_size
+        )
+        codebooks = self.num_quantizers * 2 * self.codebook_size * self.hidden_size
+        return 2 * (residual + resample + lstm) + outer + codebooks
 
     def num_quantizers_for_bandwidth(self, bandwidth: float | None) -> int:
         """Codebooks used at `bandwidth` (kbps); None means the smallest target bandwidth.
@@ -199,14 +266,18 @@ class EncodecConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> EncodecConfig:
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} is not valid JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} does not hold a JSON object")
-        return cls.from_hf_config(data)
+        """Read a Hub `config.json`.
+
+        Raises:
+            ValueError: for a file that is not a JSON object (not UTF-8, not JSON, a key given
+                twice) or describes no valid EnCodec model, naming the file.
+        """
+        with open(path, "rb") as f:
+            data = parse_json_object(f.read(), str(path), ValueError)
+        try:
+            return cls.from_hf_config(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         with atomic_write(path, "w") as f:
@@ -252,6 +323,31 @@ _FIELD_TYPES.update(
     {"chunk_length_s": (int, float), "overlap": (int, float), "trim_right_ratio": (int, float)}
 )
 _OPTIONAL_FIELDS = {"chunk_length_s", "overlap"}
+_LOWER_BOUNDS = {
+    "sampling_rate": 1,
+    "hidden_size": 1,
+    "num_filters": 1,
+    "num_residual_layers": 0,
+    "kernel_size": 1,
+    "last_kernel_size": 1,
+    "residual_kernel_size": 1,
+    "dilation_growth_rate": 1,
+    "num_lstm_layers": 0,
+}
+# Counts that make one Python object each when a model is built; sizes are bounded together by
+# MAX_WEIGHTS. Each is a hundred times or more what a published model uses.
+_UPPER_BOUNDS = {
+    "num_residual_layers": 64,
+    "num_lstm_layers": 64,
+    "num_quantizers": 1024,
+    "hop_length": 2**20,
+}
+_MAX_LIST_LENGTH = 64
+_MAX_BANDWIDTH = 1e6
+_MAX_SAMPLING_RATE = 2**24
+_MAX_DILATION = 2**20
+# 2^31 weights (8 GiB in float32): a hundred times the largest published EnCodec.
+MAX_WEIGHTS = 2**31
 
 ENCODEC_24KHZ = EncodecConfig()
 

@@ -142,13 +142,15 @@ def config_from_audiocraft_yaml(text: str | Mapping[str, Any]) -> EncodecConfig:
     Every setting that shapes the model is read, none assumed; a setting transformers' layout
     cannot express (another activation, norms disabled on the outer blocks, encoder and decoder
     that differ, a final activation) is an error naming it.
+
+    Raises:
+        ConversionError: for YAML that is damaged, describes no EnCodec model, or one that
+            `EncodecConfig` refuses, in one line naming the setting.
     """
     cfg = _resolve_interpolations(_parse_yaml(text), sections=_MODEL_SECTIONS)
     if cfg.get("compression_model", "encodec") != "encodec":
         raise ConversionError(f"not an EnCodec model: compression_model={cfg['compression_model']}")
-    encodec = dict(cfg.get("encodec") or {})
-    seanet = dict(cfg.get("seanet") or {})
-    rvq = dict(cfg.get("rvq") or {})
+    encodec, seanet, rvq = (_section(cfg.get(name), name) for name in ("encodec", "seanet", "rvq"))
     for section, value in (("encodec", encodec), ("seanet", seanet), ("rvq", rvq)):
         if not value:
             raise ConversionError(f"xp.cfg has no '{section}' section")
@@ -157,13 +159,15 @@ def config_from_audiocraft_yaml(text: str | Mapping[str, Any]) -> EncodecConfig:
             f"unsupported audiocraft model: autoencoder={encodec.get('autoencoder')}, "
             f"quantizer={encodec.get('quantizer')}"
         )
-    encoder_only = dict(seanet.pop("encoder", None) or {})
-    decoder_only = dict(seanet.pop("decoder", None) or {})
-    trim_right_ratio = float(decoder_only.pop("trim_right_ratio", 1.0))
+    encoder_only = _section(seanet.pop("encoder", None), "seanet.encoder")
+    decoder_only = _section(seanet.pop("decoder", None), "seanet.decoder")
+    trim_right_ratio = _number(
+        decoder_only.pop("trim_right_ratio", 1.0), "seanet.decoder.trim_right_ratio"
+    )
     if decoder_only.pop("final_activation", None) is not None:
         raise ConversionError("seanet.decoder.final_activation is not supported")
     decoder_only.pop("final_activation_params", None)
-    for key in sorted(set(encoder_only) | set(decoder_only)):
+    for key in sorted(set(encoder_only) | set(decoder_only), key=str):
         enc, dec = {**seanet, **encoder_only}.get(key), {**seanet, **decoder_only}.get(key)
         if enc != dec:
             raise ConversionError(
@@ -177,51 +181,97 @@ def config_from_audiocraft_yaml(text: str | Mapping[str, Any]) -> EncodecConfig:
             raise ConversionError(f"xp.cfg is missing {name}.{key}")
         return section[key]
 
+    def need_int(section: dict, key: str, name: str) -> int:
+        return _integer(need(section, key, name), f"{name}.{key}")
+
     if need(seanet, "activation", "seanet") != "ELU":
         raise ConversionError(f"seanet.activation {seanet['activation']} is not supported (ELU)")
-    if float((seanet.get("activation_params") or {}).get("alpha", 1.0)) != 1.0:
+    activation_params = _section(seanet.get("activation_params"), "seanet.activation_params")
+    if _number(activation_params.get("alpha", 1.0), "seanet.activation_params.alpha") != 1.0:
         raise ConversionError("seanet.activation_params.alpha must be 1.0")
-    if int(seanet.get("disable_norm_outer_blocks", 0)) != 0:
+    disabled = _integer(
+        seanet.get("disable_norm_outer_blocks", 0), "seanet.disable_norm_outer_blocks"
+    )
+    if disabled != 0:
         raise ConversionError("seanet.disable_norm_outer_blocks > 0 is not supported")
     norm = need(seanet, "norm", "seanet")
     if norm not in ("weight_norm", "time_group_norm"):
         raise ConversionError(f"seanet.norm {norm!r} is not supported")
     if seanet.get("norm_params"):
         raise ConversionError(f"seanet.norm_params {seanet['norm_params']} are not supported")
-    if int(need(seanet, "lstm", "seanet")) < 1:
+    if need_int(seanet, "lstm", "seanet") < 1:
         raise ConversionError("seanet.lstm = 0 (no LSTM) is not supported")
-    sample_rate = int(need(encodec, "sample_rate", "encodec"))
-    ratios = [int(r) for r in need(seanet, "ratios", "seanet")]
-    bins = int(need(rvq, "bins", "rvq"))
-    n_q = int(need(rvq, "n_q", "rvq"))
+    sample_rate = need_int(encodec, "sample_rate", "encodec")
+    ratios = need(seanet, "ratios", "seanet")
+    if not isinstance(ratios, list):
+        raise ConversionError(f"seanet.ratios must be a list of integers, got {ratios!r}")
+    ratios = [_integer(r, "seanet.ratios") for r in ratios]
+    bins = need_int(rvq, "bins", "rvq")
+    n_q = need_int(rvq, "n_q", "rvq")
+    if min([sample_rate, bins, n_q, *ratios]) < 1:
+        raise ConversionError(
+            f"xp.cfg's encodec.sample_rate ({sample_rate}), seanet.ratios ({ratios}), rvq.bins "
+            f"({bins}) and rvq.n_q ({n_q}) must be positive"
+        )
     hop = math.prod(ratios)
-    # The bandwidth that makes transformers' formulas give exactly n_q codebooks.
-    bandwidth = round(n_q * math.ceil(sample_rate / hop) * math.ceil(math.log2(bins)) / 1000, 6)
-    config = EncodecConfig(
-        target_bandwidths=(bandwidth,),
-        sampling_rate=sample_rate,
-        audio_channels=int(need(encodec, "channels", "encodec")),
-        normalize=bool(encodec.get("renormalize", encodec.get("renorm", False))),
-        hidden_size=int(need(seanet, "dimension", "seanet")),
-        num_filters=int(need(seanet, "n_filters", "seanet")),
-        num_residual_layers=int(need(seanet, "n_residual_layers", "seanet")),
-        upsampling_ratios=tuple(ratios),
-        norm_type=norm,
-        kernel_size=int(need(seanet, "kernel_size", "seanet")),
-        last_kernel_size=int(need(seanet, "last_kernel_size", "seanet")),
-        residual_kernel_size=int(need(seanet, "residual_kernel_size", "seanet")),
-        dilation_growth_rate=int(need(seanet, "dilation_base", "seanet")),
-        use_causal_conv=bool(need(seanet, "causal", "seanet")),
-        pad_mode=str(need(seanet, "pad_mode", "seanet")),
-        compress=int(need(seanet, "compress", "seanet")),
-        num_lstm_layers=int(seanet["lstm"]),
-        trim_right_ratio=trim_right_ratio,
-        codebook_size=bins,
-        use_conv_shortcut=not bool(need(seanet, "true_skip", "seanet")),
-    )
+    try:
+        # The bandwidth that makes transformers' formulas give exactly n_q codebooks.
+        bandwidth = round(n_q * math.ceil(sample_rate / hop) * math.ceil(math.log2(bins)) / 1000, 6)
+        config = EncodecConfig(
+            target_bandwidths=(bandwidth,),
+            sampling_rate=sample_rate,
+            audio_channels=need_int(encodec, "channels", "encodec"),
+            normalize=bool(encodec.get("renormalize", encodec.get("renorm", False))),
+            hidden_size=need_int(seanet, "dimension", "seanet"),
+            num_filters=need_int(seanet, "n_filters", "seanet"),
+            num_residual_layers=need_int(seanet, "n_residual_layers", "seanet"),
+            upsampling_ratios=tuple(ratios),
+            norm_type=norm,
+            kernel_size=need_int(seanet, "kernel_size", "seanet"),
+            last_kernel_size=need_int(seanet, "last_kernel_size", "seanet"),
+            residual_kernel_size=need_int(seanet, "residual_kernel_size", "seanet"),
+            dilation_growth_rate=need_int(seanet, "dilation_base", "seanet"),
+            use_causal_conv=bool(need(seanet, "causal", "seanet")),
+            pad_mode=str(need(seanet, "pad_mode", "seanet")),
+            compress=need_int(seanet, "compress", "seanet"),
+            num_lstm_layers=need_int(seanet, "lstm", "seanet"),
+            trim_right_ratio=trim_right_ratio,
+            codebook_size=bins,
+            use_conv_shortcut=not bool(need(seanet, "true_skip", "seanet")),
+        )
+    except ConversionError:
+        raise
+    except (ValueError, OverflowError) as err:
+        raise ConversionError(f"xp.cfg describes no valid model: {err}") from None
     if config.num_quantizers != n_q:
         raise ConversionError(f"cannot express rvq.n_q={n_q} as a transformers bandwidth")
     return config
+
+
+def _section(value: Any, name: str) -> dict:
+    """A mapping of xp.cfg (None or absent: empty), copied."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConversionError(f"xp.cfg's {name} must be a mapping, got {value!r:.60}")
+    return dict(value)
+
+
+def _integer(value: Any, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConversionError(f"xp.cfg's {name} must be an integer, got {value!r:.60}") from None
+
+
+def _number(value: Any, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ConversionError(f"xp.cfg's {name} must be a finite number, got {value!r:.60}")
+    return number
 
 
 def _parse_yaml(text: str | Mapping[str, Any]) -> dict:
@@ -231,14 +281,17 @@ def _parse_yaml(text: str | Mapping[str, Any]) -> dict:
 
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConversionError(f"xp.cfg is not valid YAML: {err}") from err
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as err:
+        # ValueError/OverflowError: a scalar YAML types but cannot build (a date out of range).
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConversionError(f"xp.cfg is not valid YAML: {reason}") from None
     if not isinstance(data, dict):
         raise ConversionError("xp.cfg is not a YAML mapping")
     return data
 
 
 _MODEL_SECTIONS = ("compression_model", "encodec", "seanet", "rvq")
+_MAX_CONFIG_VALUES = 100_000
 
 
 def _resolve_interpolations(cfg: dict, sections: tuple[str, ...]) -> dict:
@@ -253,9 +306,18 @@ def _resolve_interpolations(cfg: dict, sections: tuple[str, ...]) -> dict:
             node = node[part]
         return resolve(node, depth + 1)
 
+    visited = [0]
+
     def resolve(node: Any, depth: int = 0) -> Any:
         if depth > 20:
             raise ConversionError("xp.cfg has circular ${...} references")
+        # YAML aliases share nodes, which this walk copies: a few lines can expand to billions.
+        visited[0] += 1
+        if visited[0] > _MAX_CONFIG_VALUES:
+            raise ConversionError(
+                f"xp.cfg's model sections hold more than {_MAX_CONFIG_VALUES} values once "
+                "expanded; an audiocraft config holds a few hundred"
+            )
         if isinstance(node, dict):
             return {k: resolve(v, depth) for k, v in node.items()}
         if isinstance(node, list):
@@ -266,7 +328,12 @@ def _resolve_interpolations(cfg: dict, sections: tuple[str, ...]) -> dict:
                 return lookup(whole.group(1), depth)
         return node
 
-    return {k: resolve(v) for k, v in cfg.items() if k in sections}
+    try:
+        return {k: resolve(v) for k, v in cfg.items() if k in sections}
+    except RecursionError:
+        raise ConversionError(
+            "xp.cfg is nested too deeply (or a YAML alias holds itself)"
+        ) from None
 
 
 # ---- writing ----

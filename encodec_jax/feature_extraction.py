@@ -11,7 +11,6 @@ huggingface_hub only to download from the Hub.
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ import numpy as np
 from .atomic import atomic_write
 from .config import EncodecConfig, chunk_length_and_stride
 from .hub import checkpoint_file
+from .untrusted import is_finite, parse_json_object
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 MODEL_CONFIG_NAME = "config.json"
@@ -161,13 +161,13 @@ class EncodecFeatureExtractor:
             raise ValueError(
                 f"sampling_rate must be a positive integer (Hz), got {sampling_rate!r}"
             )
-        if not _is_real(padding_value) or not math.isfinite(padding_value):
+        if not _is_real(padding_value) or not is_finite(padding_value):
             raise ValueError(f"padding_value must be a finite number, got {padding_value!r}")
         if chunk_length_s is not None and (
-            not _is_real(chunk_length_s) or not int(chunk_length_s * sampling_rate) >= 1
+            not _is_real(chunk_length_s) or not _whole_samples(chunk_length_s, sampling_rate) >= 1
         ):
             raise ValueError(
-                "chunk_length_s must be a number of seconds worth at least one sample at "
+                "chunk_length_s must be a finite number of seconds worth at least one sample at "
                 f"{sampling_rate} Hz, got {chunk_length_s!r}"
             )
         if overlap is not None and not (_is_real(overlap) and 0.0 <= overlap < 1.0):
@@ -343,6 +343,8 @@ class EncodecFeatureExtractor:
         Raises:
             ValueError: another kind of feature extractor, or a setting out of range.
         """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"Expected the settings as a mapping, got {type(data).__name__}")
         kind = data.get("feature_extractor_type", "EncodecFeatureExtractor")
         if kind != "EncodecFeatureExtractor":
             raise ValueError(f"Not an EnCodec feature extractor config: {kind!r}")
@@ -376,7 +378,8 @@ class EncodecFeatureExtractor:
         Raises:
             FileNotFoundError: a directory with neither file (for a Hub id, huggingface_hub's own
                 error for config.json says why).
-            ValueError: a file that describes no EnCodec extractor or model.
+            ValueError: a file that describes no EnCodec extractor or model, or is damaged (not
+                a UTF-8 JSON object, a key given twice), naming the file.
         """
         path = checkpoint_file(
             path_or_repo_id,
@@ -388,8 +391,12 @@ class EncodecFeatureExtractor:
         )
         if path.name == MODEL_CONFIG_NAME:
             return cls.from_config(EncodecConfig.from_json_file(path))
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        with open(path, "rb") as f:
+            data = parse_json_object(f.read(), str(path), ValueError)
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Writes `preprocessor_config.json` (created directory if missing), as transformers
@@ -402,6 +409,15 @@ class EncodecFeatureExtractor:
 
 
 _KIND = {"feature_extractor_type": "EncodecFeatureExtractor"}
+
+
+def _whole_samples(seconds: float, rate: int) -> int:
+    """int(seconds * rate) as transformers computes a chunk length; 0 when that is no finite
+    number (an int too large for a float, an infinite or NaN product)."""
+    try:
+        return int(seconds * rate)
+    except (OverflowError, ValueError):
+        return 0
 
 
 def _is_int(value: Any) -> bool:

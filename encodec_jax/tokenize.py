@@ -61,10 +61,13 @@ from .batching import BatchCodec, EncodedItem, round_bucket
 from .model import EncodecModel
 from .pipeline import Pipeline, Prefetch, records, share_of
 from .sources import Source, SourceError
+from .untrusted import is_finite, parse_json_object
 
 MANIFEST_FORMAT = "encodec-jax-tokenize"
 MANIFEST_VERSION = 2
 EXIT_SOME_FAILED = 3
+_SHARD_KEYS = frozenset({"file", "rows", "items", "audio_seconds", "start", "end", "errors"})
+_ERROR_KEYS = frozenset({"path", "key", "error"})
 # The columns tokenize writes; kept columns may not reuse these names.
 ROW_COLUMNS = (
     "path",
@@ -418,21 +421,22 @@ class _Run:
 
     def _read_manifest(self) -> dict:
         path = self.out.display(self.manifest_name)
-        try:
-            manifest = json.loads(self.out.read(self.manifest_name, self.MANIFEST_LIMIT))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise TokenizeError(f"cannot read {path}: {err}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        manifest = parse_json_object(
+            self.out.read(self.manifest_name, self.MANIFEST_LIMIT), path, TokenizeError
+        )
+        if manifest.get("format") != MANIFEST_FORMAT:
             raise TokenizeError(f"{path} is not an encodec-jax tokenize manifest")
         if manifest.get("version") != MANIFEST_VERSION:
             raise TokenizeError(
                 f"{path} was written by another version of encodec-jax tokenize (manifest "
-                f"version {manifest.get('version')}, this one reads {MANIFEST_VERSION}); use a "
-                f"new output directory"
+                f"version {manifest.get('version')!r}, this one reads {MANIFEST_VERSION}); use "
+                f"a new output directory"
             )
-        problem = _manifest_problem(manifest, self.index_of)
+        problem = _manifest_problem(manifest, self.shard_pattern, self.index_of)
         if problem:
-            raise TokenizeError(f"{path} is damaged: {problem}; use a new output directory")
+            raise TokenizeError(
+                f"{path} is damaged ({problem}); delete it and the shards to start over"
+            )
         return manifest
 
     def _write_manifest(self) -> None:
@@ -471,45 +475,64 @@ class _Run:
                 self.out.remove(name)
 
 
-def _manifest_problem(manifest: dict, index_of: dict[str, int]) -> str | None:
-    """What is wrong with a manifest's structure, or None."""
+def _manifest_problem(manifest: dict, shard_pattern: str, index_of: dict[str, int]) -> str | None:
+    """What is wrong with a manifest's structure (a shard entry this run could not have
+    written), or None. The settings are compared with the run's by the caller."""
     if not isinstance(manifest.get("settings"), dict):
-        return "no settings"
+        return "its settings are no object"
     total = manifest.get("num_shards")
     if total is not None and not _is_count(total):
         return f"num_shards is {total!r}"
     shards = manifest.get("shards")
     if not isinstance(shards, dict):
-        return "no shards"
+        return "its shards are no object"
     for k, shard in shards.items():
-        where = f"shard {k!r}"
-        if not k.isdigit() or (total is not None and int(k) >= total):
-            return f"{where}: not a shard number of this run"
-        if not isinstance(shard, dict):
-            return f"{where} is not an object"
-        name = shard.get("file")
-        if name is not None and (not isinstance(name, str) or "/" in name or name[:1] == "."):
-            return f"{where}: bad file name {name!r}"
-        if not all(_is_count(shard.get(f)) for f in ("rows", "items")):
-            return f"{where}: bad rows or items"
-        errors = shard.get("errors")
-        if not isinstance(errors, list) or not all(
-            isinstance(e, dict) and isinstance(e.get("error"), str) for e in errors
-        ):
-            return f"{where}: bad errors"
+        # at most 12 digits: int() of a long digit string is slow, or refused (a ValueError)
+        if not (k.isascii() and k.isdigit() and len(k) <= 12 and str(int(k)) == k):
+            return f"shard {k!r} is not a shard number"
+        if total is not None and int(k) >= total:
+            return f"shard {k} is not a number below {total}"
+        if not isinstance(shard, dict) or set(shard) != _SHARD_KEYS:
+            return f"shard {k} does not hold exactly {', '.join(sorted(_SHARD_KEYS))}"
+        name = shard["file"]
+        if name is not None and name != shard_pattern.format(int(k)):
+            return f"shard {k} names the file {name!r}"
+        if not _is_count(shard["rows"]) or not _is_count(shard["items"]):
+            return f"shard {k} has {shard['rows']!r} rows of {shard['items']!r} items"
+        seconds = shard["audio_seconds"]
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+            return f"shard {k} has {seconds!r} seconds of audio"
+        if not is_finite(seconds) or seconds < 0:
+            return f"shard {k} has {seconds!r} seconds of audio"
+        errors = shard["errors"]
+        if not isinstance(errors, list) or not all(_is_error_entry(e) for e in errors):
+            return f"shard {k}'s errors are not a list of path, key and error"
         if shard["rows"] + len(errors) != shard["items"] or (name is None) != (shard["rows"] == 0):
-            return f"{where}: rows, errors and items disagree"
-        if not isinstance(shard.get("audio_seconds"), (int, float)):
-            return f"{where}: bad audio_seconds"
+            return f"shard {k}: its rows, errors and items disagree"
         for end in ("start", "end"):
-            position = shard.get(end)
+            position = shard[end]
             if (
                 not isinstance(position, dict)
-                or not _is_count(position.get("item"))
-                or not (position.get("shard") is None or position.get("shard") in index_of)
+                or set(position) != {"shard", "item"}
+                or not _is_count(position["item"])
+                or not (position["shard"] is None or _is_key(position["shard"], index_of))
             ):
-                return f"{where}: its {end} is not a position in this source"
+                return f"shard {k}: its {end} is not a position in this source"
     return None
+
+
+def _is_key(value, index_of: dict[str, int]) -> bool:
+    return isinstance(value, str) and value in index_of
+
+
+def _is_error_entry(entry) -> bool:
+    return (
+        isinstance(entry, dict)
+        and set(entry) == _ERROR_KEYS
+        and isinstance(entry["path"], str)
+        and (entry["key"] is None or isinstance(entry["key"], str))
+        and isinstance(entry["error"], str)
+    )
 
 
 def _is_count(value) -> bool:

@@ -1,8 +1,28 @@
 """Fixtures shared by several test modules."""
 
 import importlib.util
+import os
+import tempfile
 
+import jax
 import pytest
+
+import encodec_jax
+
+# One persistent compilation cache for the session and every process it starts (the command
+# line, notebooks, workers): programs compiled by one test (the training step, say) are loaded,
+# not compiled again, by the next. A fresh folder, so no run sees another's.
+os.environ.setdefault(
+    "ENCODEC_JAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="encodec-jax-test-xla-")
+)
+# Every program, however quick to compile: the many small ones of a model's initialisation add
+# up to seconds in each process the tests start.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
+encodec_jax.enable_compilation_cache()
 
 # Modules that compare against the PyTorch references from top to bottom; without torch they are
 # not collected, and the rest of the suite runs (the other modules mark their few torch tests).

@@ -30,13 +30,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "tokenize_dataset.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "tokenize_dataset.ipynb", "finetune.ipynb"])
 def test_notebook_runs(name, tiny_checkpoint, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
     monkeypatch.setenv("ENCODEC_JAX_MODEL", str(tiny_checkpoint))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("ENCODEC_JAX_FINETUNE_STEPS", "20")  # a short run in the tests
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = NotebookClient(
         notebook,
