@@ -177,7 +177,7 @@ def read_audio(audio: Audio, sample_rate: int, channels: int, name: str = "audio
     if isinstance(audio, Samples):
         return convert_audio(audio.array, audio.rate, sample_rate, channels, name)[0]
     if audio.fs is None:
-        return load_audio(audio.path, sample_rate, channels, name)[0]
+        return load_audio(audio.path, sample_rate, channels, name=name)[0]
     try:
         with audio.fs.open(audio.path, "rb") as f:
             data = f.read()
@@ -516,6 +516,15 @@ class TrackedFile(io.RawIOBase):
         return self.read(-1)
 
     def seek(self, offset: int, whence: int = 0) -> int:
+        if self._size is not None:
+            # A parser seeks where the data says (a tar member's claimed size moves the next
+            # header): past the end of the shard is damage, not a failure of the storage.
+            target = offset + (0 if whence == 0 else self.tell() if whence == 1 else self._size)
+            if not 0 <= target <= self._size:
+                raise ShardError(
+                    f"the data points to byte {target}, outside the shard ({self._size} bytes): "
+                    f"the file is truncated or damaged"
+                )
         return self._call(self._f.seek, offset, whence)
 
     def tell(self) -> int:

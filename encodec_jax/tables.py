@@ -118,6 +118,10 @@ class _Columns:
         """Items from Arrow record batches whose first row is row number `row` of the shard;
         relative audio paths are resolved against `folder` on `fs`."""
         for batch in batches:
+            # An IPC file's buffers are taken as they are: damaged offsets would point outside
+            # them (reading far beyond the data, or allocating what they claim). ArrowInvalid
+            # is damage to the caller.
+            batch.validate(full=True)
             audios = _audio_values(batch, self.audio, fs, folder)
             ids = batch.column(self.id).to_pylist() if self.id else None
             kept = {c: batch.column(c).to_pylist() for c in self.keep}

@@ -463,6 +463,45 @@ def test_damaged_tars(tmp_path):
     assert keys_then_error(b"not a tar file" * 100, "") == []
 
 
+def test_tar_header_pointing_past_the_end(tmp_path):
+    """Found by the fuzzer: a GNU sparse header claiming 2^80 bytes made tarfile seek past any
+    offset the OS takes (a ValueError taken for a storage failure). It is damage."""
+    data = bytearray(make_tar(tmp_path / "a.tar", [("x.flac", ITEMS[0].data)]).read_bytes())
+    data[124:136] = b"\x80" + (2**80).to_bytes(11, "big")  # size, GNU base-256
+    data[156:157] = b"S"  # typeflag: sparse
+    data[148:156] = b" " * 8
+    data[148:156] = f"{sum(data[:512]):06o}".encode() + b"\0 "  # the header checksum
+    (tmp_path / "a.tar").write_bytes(bytes(data))
+    (shard,) = open_source(tmp_path / "a.tar").shards
+    with pytest.raises(ShardError, match=r"points to byte 1208925819614629174706687, outside the"):
+        list(shard.items())
+
+
+def test_arrow_batch_with_damaged_offsets(tmp_path):
+    """Found by the fuzzer: an Arrow IPC batch is not validated when read, so a string offset
+    of 2^30 made pyarrow allocate (or read) far beyond the file. Batches are validated."""
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    audio = pa.StructArray.from_arrays(
+        [pa.array([ITEMS[0].data, ITEMS[1].data], pa.binary()), pa.array(["ab", "cdefg"])],
+        names=["bytes", "path"],
+    )
+    table = pa.table({"audio": audio})
+    arrow = folder / "data-00000-of-00001.arrow"
+    with pa.ipc.new_stream(arrow, table.schema) as writer:
+        writer.write_table(table)
+    offsets = np.array([0, 2, 7], np.int32).tobytes()
+    raw = arrow.read_bytes()
+    assert raw.count(offsets) == 1
+    arrow.write_bytes(raw.replace(offsets, np.array([0, 2, 1 << 30], np.int32).tobytes()))
+    state = {"_data_files": [{"filename": arrow.name}]}
+    (folder / "state.json").write_text(json.dumps(state))
+    (folder / "dataset_info.json").write_text("{}")
+    (shard,) = open_source(folder).shards
+    with pytest.raises(ShardError, match="offset for slot 2 out of bounds: 1073741824 > 7"):
+        list(shard.items())
+
+
 # ---- fsspec ----
 def test_memory_filesystem(tmp_path):
     """Parquet and tar shards behind memory:// URLs (glob and brace patterns)."""
