@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +40,7 @@ from .sources import (
 
 BATCH_ROWS = 64  # rows per Arrow batch read from a table: a few MB of encoded audio
 PARQUET_BUFFER = 1 << 20  # bytes: column chunks are read through a buffer of this size
+_ARROW_NAME = re.compile(r"(?!\.)[^/\\]+\.arrow")
 
 
 def table_source(
@@ -314,10 +316,31 @@ def _table_schema(fs, path: str, kind: str):
         with fs.open(path, "rb") as raw:
             f = TrackedFile(raw, fs.size(path))
             if kind == "parquet":
-                return pq.ParquetFile(f).schema_arrow
-            return pa.ipc.open_stream(f).schema
+                schema = pq.ParquetFile(f).schema_arrow
+            else:
+                schema = pa.ipc.open_stream(f).schema
+            _decode_names(schema)
+            return schema
     except damage_types() as err:
         raise SourceError(f"cannot read {path}: {first_line(err)}") from None
+
+
+def _decode_names(schema) -> None:
+    """Read every field name once: pyarrow decodes them lazily, so names that are not UTF-8
+    would raise (UnicodeDecodeError) wherever the schema is used next."""
+    import pyarrow as pa
+
+    def walk(kind) -> None:
+        if pa.types.is_struct(kind):
+            for i in range(kind.num_fields):
+                kind.field(i).name  # noqa: B018
+                walk(kind.field(i).type)
+        elif _is_list(kind):
+            walk(kind.value_type)
+
+    for field in schema:
+        field.name  # noqa: B018
+        walk(field.type)
 
 
 def _parquet_source(spec: str, columns: _Columns) -> Source:
@@ -358,8 +381,11 @@ def _saved_source(spec: str, split: str | None, columns: _Columns) -> Source:
     ):
         raise SourceError(f"{root}/state.json does not list the dataset's .arrow files")
     names = [f["filename"] for f in files]
-    if any("/" in n or n.startswith(".") for n in names):
-        raise SourceError(f"{root}/state.json names files outside the folder")
+    bad = next((n for n in names if not _is_arrow_name(n)), None)
+    if bad is not None:
+        raise SourceError(
+            f"{root}/state.json names {bad[:100]!r}, not an .arrow file in the folder"
+        )
     shards = []
     for name in names:
         try:
@@ -380,6 +406,13 @@ def _files_source(kind, spec, fs, files, columns: _Columns, shard_class, extra) 
     columns = dataclasses.replace(columns, types=types)
     shards: list[Shard] = [shard_class(fs, p, n, s, columns) for p, n, s in files]
     return Source(kind, spec, shards, {**columns.options(), **extra}, types)
+
+
+def _is_arrow_name(name: str) -> bool:
+    """Whether a state.json may list this file: a plain name in the folder (datasets writes
+    data-00000-of-00001.arrow), printable (no control characters or lone surrogates, which the
+    OS refuses) and short enough for any file system."""
+    return bool(_ARROW_NAME.fullmatch(name)) and name.isprintable() and len(name.encode()) <= 200
 
 
 def _read_json(fs, path: str) -> dict:

@@ -480,7 +480,9 @@ def _manifest_problem(manifest: dict, shard_pattern: str, index_of: dict[str, in
     written), or None. The settings are compared with the run's by the caller."""
     if not isinstance(manifest.get("settings"), dict):
         return "its settings are no object"
-    total = manifest.get("num_shards")
+    if "num_shards" not in manifest:
+        return "it has no num_shards"
+    total = manifest["num_shards"]
     if total is not None and not _is_count(total):
         return f"num_shards is {total!r}"
     shards = manifest.get("shards")

@@ -854,7 +854,9 @@ def _make_manifest(directory: Path) -> Path:
 def _read_manifest(path: Path):
     run = _manifest_run(path.parent)
     run.open()
-    return run.shards, run.items_done(), run.num_shards, [run.start_of(int(k)) for k in run.shards]
+    # where a resumed run reads on after each shard done (what tokenize_source asks)
+    starts = [run.start_of(int(k) + 1) for k in run.shards]
+    return run.shards, run.items_done(), run.num_shards, starts
 
 
 # Corpus shards as `encodec-jax tokenize` reads them: a shard goes through `open_source`, every

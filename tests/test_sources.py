@@ -349,6 +349,18 @@ def test_save_to_disk_dataset_dict(tmp_path, hf_home):
         open_source(tmp_path / "dict", split="validation")
 
 
+def test_save_to_disk_state_naming_other_files(tmp_path, hf_home):
+    """Found by the fuzzer: state.json listing a name the OS refuses (too long) raised OSError.
+    Only plain .arrow names in the folder are taken."""
+    root = write_saved(tmp_path / "saved", ITEMS[:2], shards=1)
+    state = json.loads((root / "state.json").read_text())
+    for name in ["x" * 300 + ".arrow", "../elsewhere.arrow", ".hidden.arrow", "data.parquet"]:
+        state["_data_files"] = [{"filename": name}]
+        (root / "state.json").write_text(json.dumps(state))
+        with pytest.raises(SourceError, match="not an .arrow file in the folder"):
+            open_source(root)
+
+
 def test_load_dataset_streaming(tmp_path, hf_home):
     """The Hub path (`datasets.load_dataset(..., streaming=True)`) on a local repository."""
     repo = write_hub_repo(tmp_path / "repo", ITEMS, shards=2)
