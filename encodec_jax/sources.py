@@ -24,11 +24,11 @@ Damaged shard content (not a Parquet/tar/Arrow file, a damaged header or page, a
 raises `ShardError` from `Shard.items` at the point where reading stopped; failures of the storage
 itself (network, permissions) raise what the file system raised, so that a run stops and can be
 resumed instead of recording good data as bad. No reader allocates more than the file's size
-justifies: every read of a shard is clamped to the bytes the file has left. Memory: a Parquet
-shard is read a row group at a time (pyarrow decodes a row group whole; with the batch of
-`tables.BATCH_ROWS` rows being handed on, about one row group and a batch), an `.arrow` file one
-record batch at a time (`datasets` writes both in groups of 100 rows for audio), a tar shard one
-sample at a time.
+justifies: every read of a shard is clamped to the bytes the file has left, a seek outside it is
+damage, and Arrow batches are validated before use (`tables`). Memory: a Parquet shard is read a row
+group at a time (pyarrow decodes a row group whole; with the batch of `tables.BATCH_ROWS` rows being
+handed on, about one row group and a batch), an `.arrow` file one record batch at a time (`datasets`
+writes both in groups of 100 rows for audio), a tar shard one sample at a time.
 """
 
 from __future__ import annotations
