@@ -4,7 +4,7 @@
     encodec-jax decode CODES -o OUT.wav      codes -> audio
     encodec-jax reconstruct IN -o OUT.wav    audio -> codes -> audio
     encodec-jax stream IN|- -o OUT           the same, chunk by chunk as the audio arrives
-    encodec-jax tokenize IN_DIR -o OUT_DIR   a directory of audio -> Parquet shards of codes
+    encodec-jax tokenize SOURCE -o OUT       a corpus -> Parquet shards of codes
     encodec-jax convert SRC OUT              PyTorch checkpoints -> encodec-jax directories
     encodec-jax train --data DIR --out RUN   train or fine-tune on a folder of audio
 
@@ -254,21 +254,30 @@ def _stream(args: argparse.Namespace) -> int:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    from .tokenize import EXIT_SOME_FAILED, TokenizeError, tokenize_directory
+    from .sources import open_source
+    from .tokenize import EXIT_SOME_FAILED, tokenize_source
 
-    if not os.path.isdir(args.input_dir):
-        raise TokenizeError(f"input directory {args.input_dir} does not exist")
     if args.distributed:
         import jax
 
         jax.distributed.initialize()
+    source = open_source(
+        args.source,
+        kind=args.source_type,
+        split=args.split,
+        config=args.config,
+        audio_column=args.audio_column,
+        id_column=args.id_column,
+        keep_columns=[c.strip() for c in args.keep_columns.split(",")] if args.keep_columns else (),
+        exclude=args.output,
+    )
     model, name = _load_model(args)
     buckets = None
     if args.buckets:
         buckets = [round(s * model.config.sampling_rate) for s in args.buckets]
-    result = tokenize_directory(
+    result = tokenize_source(
         model,
-        args.input_dir,
+        source,
         args.output,
         model_name=name,
         bandwidth=args.bandwidth,
@@ -281,19 +290,19 @@ def _tokenize(args: argparse.Namespace) -> int:
     )
     seconds = max(result.seconds, 1e-9)
     print(
-        f"tokenized {result.processed_files} files ({result.audio_seconds / 3600:.3f} h of "
-        f"audio) in {result.seconds:.1f} s: {result.processed_files / seconds:.2f} files/s, "
-        f"{result.audio_seconds / seconds:.1f}x realtime; {result.files} files, "
+        f"tokenized {result.processed_items} items ({result.audio_seconds / 3600:.3f} h of "
+        f"audio) in {result.seconds:.1f} s: {result.processed_items / seconds:.2f} items/s, "
+        f"{result.audio_seconds / seconds:.1f}x realtime; {result.items} items, "
         f"{result.shards} shards in {args.output}"
         + (
-            f" ({result.files - result.processed_files} done by an earlier run)"
-            if result.processed_files < result.files
+            f" ({result.items - result.processed_items} done by an earlier run)"
+            if result.processed_items < result.items
             else ""
         )
     )
     if result.failed:
         print(
-            f"encodec-jax tokenize: {result.failed} of {result.files} files failed; see "
+            f"encodec-jax tokenize: {result.failed} of {result.items} items failed; see "
             f"{result.errors_path}",
             file=sys.stderr,
         )
@@ -437,20 +446,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     tokenize = commands.add_parser(
         "tokenize",
-        help="encode a directory of audio into Parquet shards (resumable)",
-        description="Encode every audio file under IN_DIR (recursively, in sorted order) into "
-        "Parquet shards OUT_DIR/shard-NNNNN.parquet, one row per file: path, codes [chunks, "
-        "n_q, frames], chunk_frames, audio_scales, sample_rate, num_samples, bandwidth, model. "
-        "Files that fail are listed in OUT_DIR/errors.jsonl and the exit status is 3. Run the "
-        "same command again to resume an interrupted run.",
+        help="encode a corpus (folder, Parquet, HF dataset, WebDataset) into Parquet shards",
+        description="Encode every item of SOURCE into Parquet shards OUT/shard-NNNNN.parquet, "
+        "one row per item: path (the source file), key, codes [chunks, n_q, frames], "
+        "chunk_frames, audio_scales, sample_rate, num_samples, bandwidth, model, and the "
+        "--keep-columns. SOURCE: a folder of audio files; Parquet files or WebDataset .tar "
+        "shards (a path, glob or brace pattern such as 'shard-{000000..000099}.tar'); a "
+        "save_to_disk folder; or a Hugging Face dataset id (streamed). Paths and OUT may be "
+        "fsspec URLs (gs://, s3://, hf://, https://). Items that fail are listed in "
+        "OUT/errors.jsonl and the exit status is 3. Run the same command again to resume an "
+        "interrupted run.",
     )
-    tokenize.add_argument("input_dir", metavar="IN_DIR", help="directory of audio files")
-    tokenize.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="directory")
+    tokenize.add_argument(
+        "source", metavar="SOURCE", help="folder, .parquet/.tar files, dataset folder or Hub id"
+    )
+    tokenize.add_argument(
+        "-o", "--output", required=True, metavar="OUT", help="directory or fsspec URL"
+    )
+    tokenize.add_argument(
+        "--source-type",
+        choices=["auto", "folder", "parquet", "webdataset", "saved", "hf"],
+        default="auto",
+        help="what SOURCE is (default: by its form; hf: datasets.load_dataset, streaming)",
+    )
+    tokenize.add_argument("--split", default=None, help="dataset split (default: train)")
+    tokenize.add_argument("--config", default=None, help="dataset configuration (Hub datasets)")
+    tokenize.add_argument(
+        "--audio-column",
+        default=None,
+        metavar="NAME",
+        help="column holding the audio (default: audio); for .tar shards the audio member's "
+        "extension (default: the member with an audio extension)",
+    )
+    tokenize.add_argument(
+        "--id-column", default=None, metavar="NAME", help="column whose value keys each row"
+    )
+    tokenize.add_argument(
+        "--keep-columns",
+        default=None,
+        metavar="A,B",
+        help="columns (tar: member extensions) to copy into the output rows, e.g. text,speaker",
+    )
     tokenize.add_argument(
         "--batch-size", type=_positive_int, default=8, help="items per compiled call (8)"
     )
     tokenize.add_argument(
-        "--shard-size", type=_positive_int, default=1000, help="files per shard (1000)"
+        "--shard-size", type=_positive_int, default=1000, help="items per shard (1000)"
     )
     tokenize.add_argument(
         "--buckets",
@@ -463,15 +504,18 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument(
         "--exact",
         action="store_true",
-        help="no padding: codes equal encoding each file alone (one program per length)",
+        help="no padding: codes equal encoding each item alone (one program per length)",
     )
     tokenize.add_argument(
-        "--workers", type=_positive_int, default=None, help="threads reading audio (min(8, CPUs))"
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="threads decoding audio (min(8, CPUs))",
     )
     tokenize.add_argument(
         "--distributed",
         action="store_true",
-        help="call jax.distributed.initialize(); each process takes its share of the files",
+        help="call jax.distributed.initialize(); each process takes its share of the shards",
     )
     tokenize.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_options(tokenize)

@@ -852,16 +852,24 @@ _MANIFEST_SETTINGS = {
     "exact": False,
     "process_index": 0,
     "process_count": 1,
-    "num_files": 5,
-    "files_sha256": "1" * 64,
+    "source": {"kind": "webdataset", "audio_column": None, "keep_columns": []},
+    "source_split": "by shard",
+    "source_shards": 2,
+    "source_sha256": "1" * 64,
 }
 
 
 def _manifest_run(directory: Path):
-    from encodec_jax.tokenize import _Run, output_names
+    from encodec_jax.sources import Shard
+    from encodec_jax.tokenize import _Output, _Run, output_names
 
+    shards = []
+    for name in ("a.tar", "b.tar"):
+        shard = Shard()
+        shard.name = name
+        shards.append(shard)
     pattern, manifest, errors = output_names(0, 1)
-    return _Run(directory, pattern, manifest, errors, dict(_MANIFEST_SETTINGS))
+    return _Run(_Output(directory), pattern, manifest, errors, dict(_MANIFEST_SETTINGS), shards)
 
 
 def _make_manifest(directory: Path) -> Path:
@@ -869,23 +877,212 @@ def _make_manifest(directory: Path) -> Path:
     out.mkdir()
     run = _manifest_run(out)
     run.open()
+    error = {"path": "a.tar", "key": "x/1", "error": "cannot read the audio: not recognised"}
     run.shards = {
-        "0": {"file": None, "rows": 0, "audio_seconds": 0.0, "errors": []},
+        "0": {
+            "file": "shard-00000.parquet",
+            "rows": 1,
+            "items": 2,
+            "audio_seconds": 1.5,
+            "start": {"shard": "a.tar", "item": 0},
+            "end": {"shard": "b.tar", "item": 0},
+            "errors": [error],
+        },
         "1": {
             "file": None,
             "rows": 0,
+            "items": 1,
             "audio_seconds": 0.0,
-            "errors": [{"path": "a.wav", "error": "cannot read"}] * 2,
+            "start": {"shard": "b.tar", "item": 0},
+            "end": {"shard": None, "item": 0},
+            "errors": [{**error, "path": "b.tar", "key": None}],
         },
     }
-    run.complete()
+    run.complete(2)
+    (out / "shard-00000.parquet").write_bytes(b"")  # present, so the entry stands
     return out / "manifest.json"
 
 
 def _read_manifest(path: Path):
     run = _manifest_run(path.parent)
     run.open()
-    return run.shards, run.files_done()
+    # where a resumed run reads on after each shard done (what tokenize_source asks)
+    starts = [run.start_of(int(k) + 1) for k in run.shards]
+    return run.shards, run.items_done(), run.num_shards, starts
+
+
+# Corpus shards as `encodec-jax tokenize` reads them: a shard goes through `open_source`, every
+# item's audio through `read_audio`, as the pipeline does (an item that fails does not stop the
+# shard: the first item error is raised after the whole shard is read).
+_SOURCE_ERRORS = (
+    "encodec_jax.sources.SourceError",
+    "encodec_jax.sources.ShardError",
+    "encodec_jax.audio.AudioError",
+)
+
+
+def _corpus_items() -> list[tuple[str, bytes, str]]:
+    """(key, encoded audio, transcript): three short clips, FLAC and WAV, 16 kHz and 8 kHz."""
+    import soundfile as sf
+
+    items = []
+    for i, (fmt, rate) in enumerate((("FLAC", 16000), ("WAV", 8000), ("FLAC", 8000))):
+        t = np.arange(rate // 20) / rate
+        audio = (0.4 * np.sin(2 * np.pi * (300 + 200 * i) * t)).astype(np.float32)
+        buffer = io.BytesIO()
+        sf.write(buffer, audio, rate, format=fmt, subtype="PCM_16")
+        items.append((f"clip{i}", buffer.getvalue(), f"transcript {i}"))
+    return items
+
+
+def _read_corpus(spec: str, **options):
+    from encodec_jax.audio import AudioError
+    from encodec_jax.sources import open_source, read_audio
+
+    source = open_source(spec, **options)
+    out, failed = [], []
+    for shard in source.shards:
+        out.append((shard.name, shard.size, shard.count()))
+        for item in shard.items():
+            if item.error is not None:
+                out.append((item.key, item.error, item.columns))
+                continue
+            try:
+                out.append((item.key, read_audio(item.audio, 24000, 1), item.columns))
+            except AudioError as err:
+                failed.append(err)
+    if failed:
+        raise failed[0]
+    return out
+
+
+def _make_parquet(directory: Path) -> Path:
+    """Parquet as `datasets` writes an `Audio` column ({bytes, path} structs), two row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    items = _corpus_items()
+    audio = pa.array(
+        [{"bytes": data, "path": f"{key}.flac"} for key, data, _ in items],
+        pa.struct({"bytes": pa.binary(), "path": pa.string()}),
+    )
+    table = pa.table(
+        {"audio": audio, "id": [k for k, _, _ in items], "text": [t for _, _, t in items]}
+    )
+    path = directory / "train-00000-of-00001.parquet"
+    pq.write_table(table, path, row_group_size=2)
+    return path
+
+
+def _read_parquet(path: Path):
+    return _read_corpus(str(path), id_column="id", keep_columns=["text"])
+
+
+def _parquet_document(data: bytes) -> st.SearchStrategy[bytes]:
+    """Parquet's footer: its length (the 4 bytes before the closing PAR1) set to a claim, or
+    the Thrift metadata it frames (row counts, offsets and sizes of every page) damaged."""
+    footer = int.from_bytes(data[-8:-4], "little")
+    start = len(data) - 8 - footer
+
+    def set_length(value: int) -> bytes:
+        return data[:-8] + (value % 2**32).to_bytes(4, "little") + data[-4:]
+
+    def in_footer(mutated: bytes) -> bytes:
+        return data[:start] + mutated + data[-8:]
+
+    return st.one_of(
+        CLAIMS.map(set_length),
+        _field_values(4).map(set_length),
+        _byte_mutation(data[start:-8]).map(in_footer),
+    )
+
+
+def _make_tar(directory: Path) -> Path:
+    """A WebDataset shard: <key>.flac or .wav with <key>.txt, one sample in a folder."""
+    import tarfile
+
+    path = directory / "shard-000000.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, (key, data, text) in enumerate(_corpus_items()):
+            name = f"speaker/{key}" if i == 1 else key
+            ext = "wav" if i == 1 else "flac"
+            for member, content in ((f"{name}.{ext}", data), (f"{name}.txt", text.encode())):
+                info = tarfile.TarInfo(member)
+                info.size, info.mtime = len(content), 0
+                tar.addfile(info, io.BytesIO(content))
+    return path
+
+
+def _read_tar(path: Path):
+    return _read_corpus(str(path), keep_columns=["txt"])
+
+
+def _tar_headers(data: bytes) -> list[int]:
+    """Offsets of the member headers of a plain tar."""
+    import tarfile
+
+    offsets, at = [], 0
+    while at + 512 <= len(data) and data[at : at + 512] != bytes(512):
+        offsets.append(at)
+        size = int(data[at + 124 : at + 135].decode().strip("\0 ") or "0", 8)
+        at += 512 + -(-size // 512) * 512
+    assert offsets and tarfile.BLOCKSIZE == 512
+    return offsets
+
+
+def _tar_document(data: bytes) -> st.SearchStrategy[bytes]:
+    """A member header, checksum fixed so that tarfile takes it, claiming a size (octal, or
+    base-256 for the huge ones), or turned into a PAX or GNU long-name header: the header kinds
+    whose data tarfile reads itself."""
+    headers = _tar_headers(data)
+
+    def rewrite(at: int, size: int | None, kind: bytes | None) -> bytes:
+        header = bytearray(data[at : at + 512])
+        if size is not None:
+            if 0 <= size < 8**11:
+                header[124:136] = f"{size:011o}".encode() + b"\0"
+            else:  # GNU base-256: 0x80 then the value, big-endian
+                header[124:136] = b"\x80" + (size % 2**88).to_bytes(11, "big")
+        if kind is not None:
+            header[156:157] = kind
+        header[148:156] = b" " * 8
+        header[148:156] = f"{sum(header):06o}".encode() + b"\0 "
+        return data[:at] + bytes(header) + data[at + 512 :]
+
+    return st.builds(
+        rewrite,
+        st.sampled_from(headers),
+        st.one_of(st.none(), CLAIMS, st.integers(0, len(data) * 2)),
+        st.one_of(st.none(), st.sampled_from([b"x", b"g", b"L", b"K", b"5", b"1", b"2", b"S"])),
+    )
+
+
+def _make_saved(directory: Path) -> Path:
+    """A `Dataset.save_to_disk` folder (one .arrow file); the .arrow file is returned."""
+    from datasets import Audio, Dataset
+    from datasets.utils import disable_progress_bars
+
+    disable_progress_bars()
+    items = _corpus_items()
+    dataset = Dataset.from_dict(
+        {
+            "audio": [{"bytes": data, "path": f"{key}.flac"} for key, data, _ in items],
+            "id": [k for k, _, _ in items],
+            "text": [t for _, _, t in items],
+        }
+    ).cast_column("audio", Audio())
+    folder = directory / "saved"
+    dataset.save_to_disk(str(folder))
+    (arrow,) = sorted(folder.glob("*.arrow"))
+    return arrow
+
+
+def _make_saved_state(directory: Path) -> Path:
+    return _make_saved(directory).parent / "state.json"
+
+
+def _read_saved(path: Path):
+    return _read_corpus(str(path.parent), id_column="id", keep_columns=["text"])
 
 
 def _make_train_config(directory: Path) -> Path:
@@ -1009,6 +1206,33 @@ READERS: dict[str, Reader] = {
             _read_manifest,
             ("encodec_jax.tokenize.TokenizeError",),
             document=json_document,
+        ),
+        Reader(
+            "corpus-parquet",
+            _make_parquet,
+            _read_parquet,
+            _SOURCE_ERRORS,
+            document=_parquet_document,
+        ),
+        Reader(
+            "corpus-webdataset-tar", _make_tar, _read_tar, _SOURCE_ERRORS, document=_tar_document
+        ),
+        Reader(
+            "corpus-saved-arrow",
+            _make_saved,
+            _read_saved,
+            _SOURCE_ERRORS,
+            # the IPC stream's first message: continuation marker, then its metadata length
+            fields=(Field(0, 4), Field(4, 4)),
+            needs=("datasets",),
+        ),
+        Reader(
+            "corpus-saved-state",
+            _make_saved_state,
+            _read_saved,
+            _SOURCE_ERRORS,
+            document=json_document,
+            needs=("datasets",),
         ),
     ]
 }

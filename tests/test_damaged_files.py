@@ -240,8 +240,28 @@ def test_damaged_tokenize_manifest(tmp_path):
         _manifest_run(tmp_path).open()
     assert type(info.value).__name__ == "TokenizeError"
     assert str(info.value) == (
-        f"{tmp_path / 'manifest.json'} is damaged (shard 'x' is not a number below 3); delete "
+        f"{tmp_path / 'manifest.json'} is damaged (shard 'x' is not a shard number); delete "
         "it and the shards to start over"
+    )
+    # a position naming a source shard this run does not read
+    manifest["num_shards"] = 3
+    manifest["shards"] = {
+        "1": {
+            "file": None,
+            "rows": 0,
+            "items": 1,
+            "audio_seconds": 0.0,
+            "start": {"shard": "a.tar", "item": 0},
+            "end": {"shard": "elsewhere.tar", "item": 0},
+            "errors": [{"path": "a.tar", "key": None, "error": "damaged"}],
+        }
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception) as info:
+        _manifest_run(tmp_path).open()
+    assert str(info.value) == (
+        f"{tmp_path / 'manifest.json'} is damaged (shard 1: its end is not a position in this "
+        "source); delete it and the shards to start over"
     )
 
 

@@ -130,7 +130,8 @@ def test_shards_hold_the_library_codes(dataset, reference_run, tmp_path):
     for entry in errors:
         assert BAD[entry["path"]] in entry["error"]
     manifest = json.loads(files["manifest.json"])
-    assert manifest["complete"] and manifest["settings"]["num_files"] == len(good) + len(BAD)
+    assert manifest["num_shards"] == 4
+    assert manifest["settings"]["source_shards"] == len(good) + len(BAD)
 
 
 def test_load_dataset(reference_run, tmp_path):
@@ -152,8 +153,8 @@ def test_cli_reports_failures_and_is_deterministic(dataset, reference_run, tmp_p
     root, _ = dataset
     code, out, err = tokenize(capsys, root, tmp_path / "out")
     assert code == tokenize_module.EXIT_SOME_FAILED
-    assert_one_line_error(1, err, "2 of 11 files failed", "errors.jsonl")
-    assert "x realtime" in out and "files/s" in out
+    assert_one_line_error(1, err, "2 of 11 items failed", "errors.jsonl")
+    assert "x realtime" in out and "items/s" in out
     assert snapshot(tmp_path / "out") == reference_run[1]  # byte for byte
 
     # run again: nothing to do, same files, still reports the failures
@@ -223,7 +224,7 @@ def test_resume_after_sigkill(dataset, reference_run, tmp_path, capsys):
         process.send_signal(signal.SIGKILL)
         process.wait()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert not manifest["complete"], "killed too late to test anything"
+    assert manifest["num_shards"] is None, "killed too late to test anything"
 
     code, _, _ = run_cli(
         capsys, "tokenize", root, "-o", out, "--model", tiny_checkpoint(), "--shard-size", "1",
@@ -290,7 +291,7 @@ def test_refuses_other_settings_and_foreign_directories(dataset, reference_run, 
     (root / "sub" / "late.wav").write_bytes((root / "f00.wav").read_bytes())
     try:
         code, _, err = tokenize(capsys, root, out)
-        assert_one_line_error(code, err, "files_sha256", "num_files")
+        assert_one_line_error(code, err, "source_sha256", "source_shards")
     finally:
         os.remove(root / "sub" / "late.wav")
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..audio import AudioError, audio_info, load_audio
-from ..tokenize import find_audio_files
+from ..sources import find_audio_files
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class AudioFolder:
 
     @classmethod
     def scan(cls, root: str | os.PathLike) -> AudioFolder:
-        """Every audio file under `root` (see `tokenize.find_audio_files`) with its header.
+        """Every audio file under `root` (see `sources.find_audio_files`) with its header.
 
         Raises:
             DataError: `root` is not a folder, or holds no readable audio.
@@ -62,7 +62,7 @@ class AudioFolder:
         if not os.path.isdir(root):
             raise DataError(f"data folder {root} does not exist or is not a folder")
         paths, frames, rates, skipped = [], [], [], []
-        for rel in find_audio_files(root):
+        for rel, _ in find_audio_files(root):
             try:
                 n, rate = audio_info(os.path.join(root, *rel.split("/")))
             except AudioError as err:
