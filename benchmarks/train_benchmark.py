@@ -70,15 +70,15 @@ def run(name: str, steps: int, only: str | None = None) -> dict:
     times = {"jax": [], "torch": []}
     start = time.perf_counter()
     if only != "torch":
-        state, metrics = step_fn(state, xs[0])
+        state, metrics = step_fn(state, xs[0], 0)
         jax.block_until_ready(metrics)
     first = time.perf_counter() - start
     if only != "jax":
         reference.step(xs[0])
-    for x in xs[1:]:
+    for step, x in enumerate(xs[1:], start=1):
         if only != "torch":
             start = time.perf_counter()
-            state, metrics = step_fn(state, x)
+            state, metrics = step_fn(state, x, step)
             jax.block_until_ready(metrics)
             times["jax"].append(time.perf_counter() - start)
         if only != "jax":

@@ -19,7 +19,7 @@ import struct
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -279,7 +279,16 @@ def _check_torch_zip(path) -> None:
         # ValueError: a member name that is not UTF-8 though flagged so, a negative offset.
         raise ValueError(f"Cannot read {path}: corrupt zip archive ({err})") from None
     with archive:
-        check_zip_members(archive, os.path.getsize(path), str(path), ValueError)
+        members = check_zip_members(archive, os.path.getsize(path), str(path), ValueError)
+        for info in members:
+            if info.filename.endswith("/data.pkl"):
+                try:
+                    _scan_torch_pickle(archive.read(info))
+                except Exception as err:  # the pickle machinery raises many types
+                    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    raise ValueError(
+                        f"Cannot read {path}: corrupt or not a checkpoint ({reason})"
+                    ) from None
 
 
 # Bytes per element of the storage types a legacy pickle names (`torch.FloatStorage`...).
@@ -321,24 +330,71 @@ class _Name:
         pass
 
 
-class _StorageScan(pickle.Unpickler):
-    """Reads a legacy torch pickle without building anything, noting each storage it claims."""
+class _Storage(NamedTuple):
+    numel: int
+    itemsize: int
+
+
+class _PickleScan(pickle.Unpickler):
+    """Reads a torch pickle (a legacy file's object, or a zip's data.pkl) without building
+    anything: notes the elements each storage claims, and checks that every tensor lies inside
+    its storage (torch would grow the storage to fit a tensor reaching past it)."""
 
     def __init__(self, file) -> None:
         super().__init__(file)
-        self.storages: dict[str, int] = {}
+        self.storages: dict[str, _Storage] = {}
 
-    def find_class(self, module: str, name: str) -> _Name:
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return self._rebuild_tensor
         return _Name(name)
 
     def persistent_load(self, pid):
-        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
-            kind, key, numel = pid[1], pid[2], pid[4]
-            itemsize = _STORAGE_ITEMSIZE.get(getattr(kind, "name", ""), 16)
-            if not isinstance(numel, int) or numel < 0:
-                raise ValueError(f"a storage claims {numel!r} elements")
-            self.storages[str(key)] = numel * itemsize
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            return _Name()
+        kind, key, numel = pid[1], str(pid[2]), pid[4]
+        if not isinstance(numel, int) or numel < 0:
+            raise ValueError(f"a storage claims {numel!r} elements")
+        itemsize = _STORAGE_ITEMSIZE.get(getattr(kind, "name", ""), 16)
+        # torch allocates a storage at the first claim of its key; later claims reuse it.
+        return self.storages.setdefault(key, _Storage(numel, itemsize))
+
+    @staticmethod
+    def _rebuild_tensor(storage, offset, size, stride, *rest) -> _Name:
+        if not isinstance(storage, _Storage):
+            return _Name()
+        numbers = [offset, *size, *stride]
+        if not all(isinstance(n, int) and n >= 0 for n in numbers) or len(size) != len(stride):
+            raise ValueError(f"a tensor claims offset {offset!r}, size {size!r}, stride {stride!r}")
+        if 0 not in size:
+            extent = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True)) + 1
+            if extent > storage.numel:
+                raise ValueError(
+                    f"a tensor reaches element {extent} of a storage of {storage.numel} elements"
+                )
         return _Name()
+
+
+_MEMO_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
+
+
+def _check_pickle_ops(stream: io.BytesIO) -> None:
+    """Reads one pickle's opcodes from `stream` without running them. pickletools reads every
+    argument from the buffer, so a claimed length beyond the file is an error here, where an
+    unpickler would allocate it first; and a memo index may not exceed the opcodes before it
+    (an unpickler grows its memo table to the index: 2^32 entries for a hostile one)."""
+    for count, (opcode, arg, _) in enumerate(pickletools.genops(stream)):
+        if opcode.name in _MEMO_OPS and arg > count:
+            raise ValueError(f"memo index {arg} at opcode {count}")
+
+
+def _scan_torch_pickle(data: bytes) -> dict[str, int]:
+    """{storage key: bytes claimed} of one pickle, after `_check_pickle_ops`' and
+    `_PickleScan`'s checks."""
+    _check_pickle_ops(io.BytesIO(data))
+    scan = _PickleScan(io.BytesIO(data))
+    scan.load()
+    return {key: storage.numel * storage.itemsize for key, storage in scan.storages.items()}
 
 
 def _check_legacy_torch_pickle(data: bytes, path) -> None:
@@ -350,14 +406,9 @@ def _check_legacy_torch_pickle(data: bytes, path) -> None:
     try:
         for i in range(5):
             start = stream.tell()
-            # pickletools reads every argument from the buffer, so a claimed length beyond the
-            # file is an error here, where the unpickler would allocate it first.
-            for _ in pickletools.genops(stream):
-                pass
+            _check_pickle_ops(stream)
             if i == 3:
-                scan = _StorageScan(io.BytesIO(data[start : stream.tell()]))
-                scan.load()
-                storages = scan.storages
+                storages = _scan_torch_pickle(data[start : stream.tell()])
     except Exception as err:  # the pickle machinery raises many types for damaged data
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(f"Cannot read {path}: corrupt or not a checkpoint ({reason})") from None

@@ -178,19 +178,76 @@ def lstm_layer(
     """One unidirectional LSTM layer over `[B, T, C]` from a zero state, PyTorch gate order i,f,g,o.
 
     The input projection does not depend on the recurrence, so it is one large matmul outside the
-    scan; only `h @ w_hh.T` stays inside the loop.
+    scan; only `h @ w_hh.T` stays inside the loop (`lstm_recurrence`).
     """
-    hidden = w_hh.shape[1]
     projected = x @ w_ih.T + (b_ih + b_hh)  # [B, T, 4H]
-    w_hh_t = w_hh.T
+    return lstm_recurrence(projected.swapaxes(0, 1), w_hh.T).swapaxes(0, 1)
 
-    def step(carry, gates_x):
-        h, c = lstm_cell(gates_x + carry[0] @ w_hh_t, carry[1])
-        return (h, c), h
 
-    zeros = jnp.zeros((x.shape[0], hidden), x.dtype)
-    _, hs = lax.scan(step, (zeros, zeros), projected.swapaxes(0, 1))
-    return hs.swapaxes(0, 1)
+@jax.custom_vjp
+def lstm_recurrence(gates_x: jax.Array, w_hh_t: jax.Array) -> jax.Array:
+    """The LSTM's recurrence: input gate pre-activations `[T, B, 4H]`, recurrent weights
+    `[H, 4H]` -> hidden states `[T, B, H]`, from a zero state.
+
+    Its gradient is written out (`_lstm_recurrence_bwd`) because the one JAX derives from the scan
+    adds each step's outer product into the `[H, 4H]` weight gradient inside the loop, a full
+    pass over the weights per step (most of a training step's time on a CPU for the 1024-wide
+    LSTMs); here the loop only carries the state, and the weight gradient is one matmul over all
+    steps after it.
+    """
+    return _lstm_scan(gates_x, w_hh_t)[0]
+
+
+def _lstm_scan(gates_x: jax.Array, w_hh_t: jax.Array):
+    """(hidden states, cell states, gate pre-activations), each `[T, B, ...]`."""
+    hidden = w_hh_t.shape[0]
+
+    def step(carry, gx):
+        gates = gx + carry[0] @ w_hh_t
+        h, c = lstm_cell(gates, carry[1])
+        return (h, c), (h, c, gates)
+
+    zeros = jnp.zeros((gates_x.shape[1], hidden), gates_x.dtype)
+    _, (hs, cs, gates) = lax.scan(step, (zeros, zeros), gates_x)
+    return hs, cs, gates
+
+
+def _lstm_recurrence_fwd(gates_x, w_hh_t):
+    hs, cs, gates = _lstm_scan(gates_x, w_hh_t)
+    return hs, (hs, cs, gates, w_hh_t)
+
+
+def _lstm_recurrence_bwd(residuals, d_hs):
+    hs, cs, gates, w_hh_t = residuals
+    zeros = jnp.zeros_like(hs[0])
+    h_prev = jnp.concatenate([zeros[None], hs[:-1]])
+    c_prev = jnp.concatenate([zeros[None], cs[:-1]])
+
+    def step(carry, inputs):
+        dh_next, dc_next = carry
+        d_h, c, c_before, pre = inputs
+        i, f, g, o = jnp.split(pre, 4, axis=-1)
+        i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+        dh = d_h + dh_next
+        tanh_c = jnp.tanh(c)
+        dc = dc_next + dh * o * (1 - tanh_c * tanh_c)
+        d_gates = jnp.concatenate(
+            [
+                dc * g * i * (1 - i),
+                dc * c_before * f * (1 - f),
+                dc * i * (1 - g * g),
+                dh * tanh_c * o * (1 - o),
+            ],
+            axis=-1,
+        )
+        return (d_gates @ w_hh_t.T, dc * f), d_gates
+
+    _, d_gates = lax.scan(step, (zeros, zeros), (d_hs, cs, c_prev, gates), reverse=True)
+    d_w = h_prev.reshape(-1, h_prev.shape[-1]).T @ d_gates.reshape(-1, d_gates.shape[-1])
+    return d_gates, d_w
+
+
+lstm_recurrence.defvjp(_lstm_recurrence_fwd, _lstm_recurrence_bwd)
 
 
 def lstm_cell(gates: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:

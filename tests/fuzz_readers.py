@@ -38,7 +38,9 @@ import importlib.util
 import io
 import json
 import math
+import pickle
 import pickletools
+import re
 import resource
 import signal
 import struct
@@ -611,9 +613,59 @@ def _make_torch(zip_format: bool) -> Callable[[Path], Path]:
         state["view"] = state["encoder.layers.0.conv.weight_v"][1]  # shares the storage
         path = directory / PYTORCH_NAME
         torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+        if not zip_format:
+            path.write_bytes(_fixed_storage_keys(path.read_bytes()))
         return path
 
     return make
+
+
+def _fixed_storage_keys(data: bytes) -> bytes:
+    """The legacy format names storages by memory address and lists them (with their bytes
+    after the pickles) in address order, which makes the seed file, and so every derandomized
+    mutation of it, differ from run to run. Rename them k0, k1, ... in order of first
+    appearance (BINUNICODE strings; nothing in the format points at byte offsets) and put the
+    list and the bytes in that order."""
+    from encodec_jax.checkpoint import _STORAGE_ITEMSIZE
+
+    names: dict[bytes, bytes] = {}
+
+    def rename(match: re.Match) -> bytes:
+        if int.from_bytes(match.group(1), "little") != len(match.group(2)):
+            return match.group(0)
+        name = names.setdefault(match.group(2), b"k%d" % len(names))
+        return b"X" + len(name).to_bytes(4, "little") + name
+
+    data = re.sub(rb"X(.\x00\x00\x00)(\d{8,20})", rename, data, flags=re.DOTALL)
+    stream, bounds = io.BytesIO(data), []
+    for _ in range(5):
+        start = stream.tell()
+        for _ in pickletools.genops(stream):
+            pass
+        bounds.append((start, stream.tell()))
+    kinds: dict[str, str] = {}
+
+    class Kinds(pickle.Unpickler):
+        def find_class(self, module, name):
+            return name if name.endswith("Storage") else (lambda *args, **kwargs: None)
+
+        def persistent_load(self, pid):
+            kinds[pid[2]] = pid[1]
+            return None
+
+    Kinds(io.BytesIO(data[slice(*bounds[3])])).load()
+    listed = pickle.loads(data[slice(*bounds[4])])
+    blocks, offset = {}, bounds[4][1]
+    for key in listed:
+        count = int.from_bytes(data[offset : offset + 8], "little")
+        end = offset + 8 + count * _STORAGE_ITEMSIZE[kinds[key]]
+        blocks[key], offset = data[offset:end], end
+    ordered = sorted(listed, key=lambda k: int(k[1:]))
+    return (
+        data[: bounds[3][1]]
+        + pickle.dumps(ordered, protocol=2)
+        + b"".join(blocks[k] for k in ordered)
+    )
 
 
 _INT_OPCODES = ("BININT", "BININT1", "BININT2", "LONG1", "LONG4", "INT", "LONG")
@@ -836,6 +888,20 @@ def _read_manifest(path: Path):
     return run.shards, run.files_done()
 
 
+def _make_train_config(directory: Path) -> Path:
+    from encodec_jax.train.config import PRESETS
+
+    path = directory / "config.yaml"
+    PRESETS["tiny"].to_yaml_file(path)
+    return path
+
+
+def _read_train_config(path: Path):
+    from encodec_jax.train.config import load_config
+
+    return load_config(None, path)
+
+
 READERS: dict[str, Reader] = {
     r.name: r
     for r in [
@@ -868,6 +934,14 @@ READERS: dict[str, Reader] = {
             _read_config,
             ("builtins.ValueError",),
             document=json_document,
+        ),
+        Reader(
+            "train-config-yaml",
+            _make_train_config,
+            _read_train_config,
+            ("encodec_jax.train.config.TrainConfigError",),
+            document=yaml_document,
+            needs=("yaml",),
         ),
         Reader(
             "preprocessor-config-json",

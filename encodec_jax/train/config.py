@@ -234,17 +234,55 @@ class TrainConfig:
         Raises:
             TrainConfigError: unreadable YAML, unknown keys or bad values, naming them.
         """
-        import yaml
-
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-            raise TrainConfigError(f"cannot read training config {path}: {err}") from None
-        return cls.from_dict(data or {})
+        return cls.from_dict(read_yaml(path))
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+# A training config is a few hundred bytes; anything near this is not one.
+MAX_YAML_BYTES = 1 << 20
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping a training config YAML file holds (empty for an empty file).
+
+    The file is untrusted (configs are shared): at most MAX_YAML_BYTES, parsed with
+    `yaml.safe_load` (which builds no objects), and without anchors and aliases, whose nesting
+    can make a small file expand without bound when the config is walked.
+
+    Raises:
+        TrainConfigError: unreadable, too large, not YAML, aliases, or not a mapping.
+    """
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(
+                    None, None, "aliases (*name) are not accepted in a training config", mark
+                )
+            return super().compose_node(parent, index)
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+        if len(raw) > MAX_YAML_BYTES:
+            raise TrainConfigError(
+                f"training config {path} is larger than {MAX_YAML_BYTES} bytes: not a config"
+            )
+        data = yaml.load(raw.decode("utf-8"), Loader=NoAliases)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as err:
+        reason = " ".join(str(err).split())
+        raise TrainConfigError(f"cannot read training config {path}: {reason}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise TrainConfigError(
+            f"training config {path} must hold a mapping of sections, not {type(data).__name__}"
+        )
+    return dict(data)
 
 
 def _section(name: str, kind: type, value: Any):
@@ -361,15 +399,7 @@ def load_config(
     else:
         raise TrainConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if yaml_path is not None:
-        import yaml
-
-        try:
-            with open(yaml_path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-            raise TrainConfigError(f"cannot read training config {yaml_path}: {err}") from None
-        if not isinstance(data, Mapping):
-            raise TrainConfigError(f"{yaml_path} must hold a mapping of sections")
+        data = read_yaml(yaml_path)
         merged = _merge(merged, data)
         if data.get("init") is not None and "model" not in data:
             merged["model"] = None  # the checkpoint's architecture is the model

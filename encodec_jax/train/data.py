@@ -162,8 +162,19 @@ def train_batches(
         .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     )
     if workers > 0:
+        _absl_flags_ready()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return iter(dataset)
+
+
+def _absl_flags_ready() -> None:
+    """grain's worker processes read absl flags, which only `absl.app` programs parse; any other
+    program (a notebook, this package's command line, pytest) would fail with
+    UnparsedFlagAccessError. Flags that nobody parsed take their defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 @dataclasses.dataclass(frozen=True)

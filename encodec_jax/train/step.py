@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax import lax
@@ -86,6 +87,19 @@ class Parts:
     @property
     def adversarial(self) -> bool:
         return self.config.losses.adv > 0 or self.config.losses.feat > 0
+
+    def trains_discriminator(self, step: int) -> bool:
+        """Whether the step after `step` steps updates the discriminator: with probability
+        `1 / adversarial.every`, as audiocraft draws it, but decided on the host from the seed
+        and the step so that a resumed run draws the same. (A draw inside the program would
+        need `lax.cond`, around which XLA's CPU convolutions run several times slower.)"""
+        every = self.config.adversarial.every
+        if not self.adversarial:
+            return False
+        if every == 1:
+            return True
+        draw = np.random.default_rng([self.config.run.seed, step]).random()
+        return bool(draw <= 1.0 / every)
 
     def model(self, params, buffers) -> EncodecModel:
         return nnx.merge(self.graphdef, params, buffers)
@@ -174,18 +188,24 @@ def balanced_weights(config: TrainConfig) -> dict[str, float]:
     return weights
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Adam as torch's (`eps` outside the square root, L2 weight decay added to the gradient),
-    with optional global-norm clipping first and a cosine schedule with warmup."""
+def learning_rate(config: TrainConfig) -> optax.ScalarOrSchedule:
+    """The generator's and discriminator's learning rate: constant, or a linear warmup from 0,
+    or (`schedule: cosine`) the warmup then a cosine decay to 0 at the run's last step."""
     o = config.optim
     if o.schedule == "cosine":
-        lr: Any = optax.warmup_cosine_decay_schedule(
+        return optax.warmup_cosine_decay_schedule(
             0.0, o.lr, max(o.warmup_steps, 1), max(config.run.steps, o.warmup_steps + 1)
         )
-    elif o.warmup_steps:
-        lr = optax.linear_schedule(0.0, o.lr, o.warmup_steps)
-    else:
-        lr = o.lr
+    if o.warmup_steps:
+        return optax.linear_schedule(0.0, o.lr, o.warmup_steps)
+    return o.lr
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Adam as torch's (`eps` outside the square root, L2 weight decay added to the gradient),
+    with optional global-norm clipping first, at `learning_rate(config)`."""
+    o = config.optim
+    lr = learning_rate(config)
     chain = []
     if o.max_norm > 0:
         chain.append(optax.clip_by_global_norm(o.max_norm))
@@ -222,13 +242,20 @@ def reconstruction_losses(config: TrainConfig, y_pred, audio, sample_rate: int) 
 
 
 def train_step(
-    parts: Parts, state: TrainState, audio: jax.Array, n_q=None
+    parts: Parts,
+    state: TrainState,
+    audio: jax.Array,
+    n_q=None,
+    train_discriminator: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One step (see the module docstring). `audio` `[B, C, T]`; `n_q` overrides the quantizer's
-    choice of codebooks (for tests). Returns the new state and scalar metrics."""
+    choice of codebooks (for tests); `train_discriminator` (static: `Parts.trains_discriminator`
+    decides it on the host) whether this step updates the discriminator. Returns the new state
+    and scalar metrics (`d_loss` only on steps that train the discriminator)."""
     config = parts.config
     sample_rate = parts.model(state.params, state.buffers).config.sampling_rate
-    key, q_key, disc_key = jax.random.split(jax.random.wrap_key_data(state.key), 3)
+    # Three keys as before the discriminator's draw moved to the host, so runs keep their streams.
+    key, q_key, _ = jax.random.split(jax.random.wrap_key_data(state.key), 3)
 
     (y_pred, penalty), backward, qout = jax.vjp(
         lambda p: generator(parts, p, state.buffers, audio, q_key, n_q),
@@ -245,24 +272,13 @@ def train_step(
             disc = parts.discriminator(p)
             return losses.discriminator_loss(disc(fake)[0], disc(real)[0])
 
-        def disc_update(carry):
-            p, opt_state = carry
-            loss, grads = jax.value_and_grad(disc_loss)(p)
-            updates, opt_state = parts.disc_optimizer.update(grads, opt_state, p)
-            return optax.apply_updates(p, updates), opt_state, loss
-
-        def no_update(carry):
-            return (*carry, jnp.zeros((), jnp.float32))
-
-        every = config.adversarial.every
-        if every == 1:  # every step (audiocraft's default): no branch in the program
-            disc_params, disc_opt_state, d_loss = disc_update((disc_params, disc_opt_state))
-        else:
-            train_disc = jax.random.uniform(disc_key) <= 1.0 / every
-            disc_params, disc_opt_state, d_loss = lax.cond(
-                train_disc, disc_update, no_update, (disc_params, disc_opt_state)
+        if train_discriminator:
+            d_loss, disc_grads = jax.value_and_grad(disc_loss)(disc_params)
+            updates, disc_opt_state = parts.disc_optimizer.update(
+                disc_grads, disc_opt_state, disc_params
             )
-        metrics["d_msstftd"] = metrics["d_loss"] = d_loss
+            disc_params = optax.apply_updates(disc_params, updates)
+            metrics["d_msstftd"] = metrics["d_loss"] = d_loss
 
     def balanced_losses(y):
         values = {}
@@ -322,6 +338,16 @@ def train_step(
     return new_state, metrics
 
 
-def make_step(parts: Parts) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
-    """`train_step` jitted for `parts`, the state donated (its buffers are reused in place)."""
-    return jax.jit(lambda state, audio: train_step(parts, state, audio), donate_argnums=0)
+def make_step(parts: Parts) -> Callable[[TrainState, jax.Array, int], tuple[TrainState, dict]]:
+    """`train_step` jitted for `parts`, the state donated (its buffers are reused in place):
+    `step_fn(state, audio, step)`, `step` the number of steps done before this one (a host
+    integer, which picks one of at most two compiled programs: with and without the
+    discriminator's update)."""
+    compiled = jax.jit(
+        lambda state, audio, train_disc: train_step(
+            parts, state, audio, train_discriminator=train_disc
+        ),
+        donate_argnums=0,
+        static_argnums=2,
+    )
+    return lambda state, audio, step: compiled(state, audio, parts.trains_discriminator(step))

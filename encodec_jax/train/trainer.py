@@ -206,14 +206,16 @@ class Trainer:
             for step in range(first, config.run.steps):
                 local = next(batches)
                 batch = jax.make_array_from_process_local_data(batch_sharding, local)
-                state, step_metrics = step_fn(state, batch)
+                state, step_metrics = step_fn(state, batch, step)
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 _check_finite(values, step + 1, manager.latest_step())
                 window.append(values)
                 done = step + 1
                 if done % config.run.log_every == 0 or done == config.run.steps:
                     now = time.perf_counter()
-                    last = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                    # A key may be missing from some steps (d_loss where the discriminator rests).
+                    names = dict.fromkeys(k for w in window for k in w)
+                    last = {k: float(np.mean([w[k] for w in window if k in w])) for k in names}
                     rate = len(window) / max(now - tick, 1e-9)
                     last["steps_per_second"] = rate
                     last["audio_seconds_per_second"] = rate * audio_per_step
