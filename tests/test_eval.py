@@ -234,3 +234,29 @@ def test_plot_of_one_file(models, data):
     visible = [ax for ax in figure.axes if ax.get_visible()]
     assert len(visible) == 4
     assert all(len(ax.lines) >= 1 for ax in visible)
+
+
+@pytest.mark.slow
+def test_chunked_stereo_model_counts_real_frames_only(tmp_path):
+    """A 48 kHz-like model (stereo, normalised, 20-frame chunks): the short last chunk's padding
+    codes are not counted; the entropy bitrate is the direct count over every chunk's real
+    frames (1e-5 relative)."""
+    from encodec_jax.testing import TINY_CHUNKED_CONFIG
+
+    model = random_model(TINY_CHUNKED_CONFIG, seed=2)
+    path = tmp_path / "stereo.wav"  # 100 chunks of 80 samples and one of 30
+    sf.write(path, random_audio(1, 2, 8030, seed=4)[0].T, 8000, subtype="FLOAT")
+    result = evaluate({"chunked": model}, path, progress=False)
+    (item,) = list(iter_eval_items(path, 8000, 2))
+    enc = model.encode(item.audio[None], bandwidth=16.0)
+    codes = np.asarray(enc.audio_codes)[:, 0]  # [chunks, n_q, frames]
+    assert enc.chunk_frames[-1] < codes.shape[-1]  # a short last chunk, padded
+    real = np.concatenate([c[:, :f] for c, f in zip(codes, enc.chunk_frames, strict=True)], -1)
+    for row in result.rows:
+        bits = 0.0
+        for q in range(row["n_q"]):
+            counts = np.bincount(real[q], minlength=TINY_CHUNKED_CONFIG.codebook_size)
+            p = counts[counts > 0] / counts.sum()
+            bits += float(-(p * np.log2(p)).sum())
+        expected = bits * TINY_CHUNKED_CONFIG.frame_rate / 1000
+        assert row["kbps_entropy"] == pytest.approx(expected, rel=1e-5)
