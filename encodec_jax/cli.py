@@ -5,6 +5,7 @@
     encodec-jax reconstruct IN -o OUT.wav    audio -> codes -> audio
     encodec-jax stream IN|- -o OUT           the same, chunk by chunk as the audio arrives
     encodec-jax tokenize SOURCE -o OUT       a corpus -> Parquet shards of codes
+    encodec-jax eval DATA -o OUT_DIR         quality per bandwidth, code statistics, a plot
     encodec-jax convert SRC OUT              PyTorch checkpoints -> encodec-jax directories
     encodec-jax train --data DIR --out RUN   train or fine-tune on a folder of audio
 
@@ -253,6 +254,38 @@ def _stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_source_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """What `sources.open_source` needs to read a corpus, for the commands that read one."""
+    parser.add_argument(
+        "--source-type",
+        choices=["auto", "folder", "parquet", "webdataset", "saved", "hf"],
+        default="auto",
+        help=f"what {what} is (default: by its form; hf: datasets.load_dataset, streaming)",
+    )
+    parser.add_argument("--split", default=None, help="dataset split (default: train)")
+    parser.add_argument("--config", default=None, help="dataset configuration (Hub datasets)")
+    parser.add_argument(
+        "--audio-column",
+        default=None,
+        metavar="NAME",
+        help="column holding the audio (default: audio); for .tar shards the audio member's "
+        "extension (default: the member with an audio extension)",
+    )
+    parser.add_argument(
+        "--id-column", default=None, metavar="NAME", help="column whose value keys each row"
+    )
+
+
+def _source_options(args: argparse.Namespace) -> dict:
+    return {
+        "kind": args.source_type,
+        "split": args.split,
+        "config": args.config,
+        "audio_column": args.audio_column,
+        "id_column": args.id_column,
+    }
+
+
 def _tokenize(args: argparse.Namespace) -> int:
     from .sources import open_source
     from .tokenize import EXIT_SOME_FAILED, tokenize_source
@@ -263,11 +296,7 @@ def _tokenize(args: argparse.Namespace) -> int:
         jax.distributed.initialize()
     source = open_source(
         args.source,
-        kind=args.source_type,
-        split=args.split,
-        config=args.config,
-        audio_column=args.audio_column,
-        id_column=args.id_column,
+        **_source_options(args),
         keep_columns=[c.strip() for c in args.keep_columns.split(",")] if args.keep_columns else (),
         exclude=args.output,
     )
@@ -304,6 +333,79 @@ def _tokenize(args: argparse.Namespace) -> int:
         print(
             f"encodec-jax tokenize: {result.failed} of {result.items} items failed; see "
             f"{result.errors_path}",
+            file=sys.stderr,
+        )
+        return EXIT_SOME_FAILED
+    return 0
+
+
+def _bandwidth_list(text: str) -> list[float] | str:
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        values = [_positive_float(part) for part in text.split(",") if part.strip()]
+    except argparse.ArgumentTypeError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated kbps (e.g. 1.5,3,6) or 'all', got {text!r}"
+        )
+    return values
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import (
+        EXIT_SOME_FAILED,
+        EvalError,
+        evaluate,
+        format_table,
+        open_eval_data,
+        resolve_bandwidths,
+        write_results,
+    )
+
+    names = args.model or [DEFAULT_MODEL]
+    if len(set(names)) != len(names):
+        raise EvalError("a model is named twice by --model")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise EvalError(f"output {args.output} exists and is not a folder")
+    source = open_eval_data(args.data, **_source_options(args))  # fails before models load
+    if args.visqol and not args.speech:
+        raise EvalError("--visqol needs --speech")
+    models = {}
+    for name in names:
+        model, _ = _load_model(args, name)
+        resolve_bandwidths(model, args.bandwidths, name)  # every model checked before work
+        models[name] = model
+    visqol = False if args.no_visqol else (True if args.visqol else None)
+    if args.speech and visqol is None:
+        from .metrics import visqol_available
+
+        if not visqol_available():
+            print(
+                "note: no ViSQOL: visqol-python is not installed "
+                "(pip install 'visqol-python[lattice]')"
+            )
+    result = evaluate(
+        models,
+        source,
+        bandwidths=args.bandwidths,
+        speech=args.speech,
+        visqol=visqol,
+        progress=not args.no_progress,
+    )
+    paths = write_results(result, args.output)
+    for note in result.notes:
+        print(f"note: {note['key']}: {note['note']}")
+    print(format_table(result))
+    files = len({r["key"] for r in result.per_file})
+    print(f"evaluated {files} items; {paths['json']}, {paths['csv']}, {paths['plot']}")
+    if result.errors:
+        for error in result.errors:
+            print(f"encodec-jax eval: skipped {error['key']}: {error['error']}", file=sys.stderr)
+        print(
+            f"encodec-jax eval: {len(result.errors)} of {files + len(result.errors)} items "
+            "failed (listed in eval.json)",
             file=sys.stderr,
         )
         return EXIT_SOME_FAILED
@@ -463,24 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument(
         "-o", "--output", required=True, metavar="OUT", help="directory or fsspec URL"
     )
-    tokenize.add_argument(
-        "--source-type",
-        choices=["auto", "folder", "parquet", "webdataset", "saved", "hf"],
-        default="auto",
-        help="what SOURCE is (default: by its form; hf: datasets.load_dataset, streaming)",
-    )
-    tokenize.add_argument("--split", default=None, help="dataset split (default: train)")
-    tokenize.add_argument("--config", default=None, help="dataset configuration (Hub datasets)")
-    tokenize.add_argument(
-        "--audio-column",
-        default=None,
-        metavar="NAME",
-        help="column holding the audio (default: audio); for .tar shards the audio member's "
-        "extension (default: the member with an audio extension)",
-    )
-    tokenize.add_argument(
-        "--id-column", default=None, metavar="NAME", help="column whose value keys each row"
-    )
+    _add_source_options(tokenize, "SOURCE")
     tokenize.add_argument(
         "--keep-columns",
         default=None,
@@ -563,6 +648,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="measure a codec's quality per bandwidth on a corpus or a file",
+        description="Encode and decode every item of DATA (what tokenize reads: a folder of "
+        "audio files, .parquet or .tar shards, a saved or Hub dataset; or one audio file) with "
+        "each --model at each bandwidth, as `reconstruct` does, and compare with the input at "
+        "the model's rate and channels: SI-SNR, multi-scale mel and STFT distances, L1 (and "
+        "with --speech, PESQ, STOI and ViSQOL at 16 kHz), codebook usage, perplexity and the "
+        "entropy-coded bitrate. Writes OUT_DIR/eval.json, eval.csv (one row per model and "
+        "bandwidth, means over files) and eval.png (the metrics against kbps) and prints the "
+        "table. Files that fail are reported and skipped; the exit status is then 3.",
+    )
+    evaluate.add_argument(
+        "data", metavar="DATA", help="folder, .parquet/.tar files, dataset, or one audio file"
+    )
+    evaluate.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder")
+    evaluate.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help=f"Hub id or local checkpoint directory; repeat to compare (default: {DEFAULT_MODEL})",
+    )
+    evaluate.add_argument(
+        "--bandwidths",
+        type=_bandwidth_list,
+        default="all",
+        metavar="KBPS,...|all",
+        help="comma-separated kbps each model offers, or all (default: each model's own)",
+    )
+    evaluate.add_argument(
+        "--speech", action="store_true", help="also PESQ (wide band), STOI and ViSQOL at 16 kHz"
+    )
+    visqol = evaluate.add_mutually_exclusive_group()
+    visqol.add_argument(
+        "--visqol",
+        action="store_true",
+        help="with --speech: ViSQOL required (default: if installed)",
+    )
+    visqol.add_argument(
+        "--no-visqol", action="store_true", help="with --speech: no ViSQOL (faster)"
+    )
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_source_options(evaluate, "DATA")
+    _add_hub_options(evaluate)
+    evaluate.set_defaults(run=_eval)
 
     convert = commands.add_parser(
         "convert",

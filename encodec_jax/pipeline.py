@@ -230,7 +230,7 @@ class Pipeline:
         # errors.jsonl names the item: the message need not (nor say where the corpus lives)
         name = f"audio file {record.path}" if record.key == record.path else "the audio"
         try:
-            return read_audio(record.audio, config.sampling_rate, config.audio_channels, name)
+            return read_audio(record.audio, config.sampling_rate, config.audio_channels, name)[0]
         except (AudioError, ValueError, RuntimeError, MemoryError) as err:
             return first_line(err)  # the item's own fault; storage errors (OSError) stop the run
 

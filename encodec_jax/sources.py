@@ -163,27 +163,30 @@ class Source:
         return digest.hexdigest()
 
 
-def read_audio(audio: Audio, sample_rate: int, channels: int, name: str = "audio") -> np.ndarray:
-    """An item's audio as the model takes it: `[channels, samples]` float32 at `sample_rate`.
+def read_audio(
+    audio: Audio, sample_rate: int, channels: int, name: str = "audio"
+) -> tuple[np.ndarray, list[str]]:
+    """An item's audio as the model takes it: (`[channels, samples]` float32 at `sample_rate`,
+    notes on the conversions made), as `audio.load_audio` returns them.
 
-    `name` is what error messages call it.
+    `name` is what error messages and notes call it.
 
     Raises:
         AudioError: undecodable, empty or non-finite audio, or a file that does not exist.
         OSError: the storage failed (not the data): worth a retry.
     """
     if isinstance(audio, bytes):
-        return decode_audio(audio, sample_rate, channels, name)[0]
+        return decode_audio(audio, sample_rate, channels, name)
     if isinstance(audio, Samples):
-        return convert_audio(audio.array, audio.rate, sample_rate, channels, name)[0]
+        return convert_audio(audio.array, audio.rate, sample_rate, channels, name)
     if audio.fs is None:
-        return load_audio(audio.path, sample_rate, channels, name=name)[0]
+        return load_audio(audio.path, sample_rate, channels, name=name)
     try:
         with audio.fs.open(audio.path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise AudioError(f"cannot read {name}: no such file {audio.path}") from None
-    return decode_audio(data, sample_rate, channels, name)[0]
+    return decode_audio(data, sample_rate, channels, name)
 
 
 # ---- opening a source ----
@@ -474,6 +477,15 @@ def _folder_source(spec: str, exclude) -> Source:
         for name, size in files
     ]
     return Source("folder", spec, shards, {}, {})
+
+
+def audio_file_source(path: str | os.PathLike) -> Source:
+    """One local audio file as a folder source of one item, keyed by its file name (what
+    `encodec-jax eval` reads when given a file; `tokenize` takes folders)."""
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    shard = _AudioFileShard(name, os.path.getsize(path), AudioFile(path))
+    return Source("folder", path, [shard], {}, {})
 
 
 # ---- shards that are files ----

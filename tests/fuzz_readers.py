@@ -948,7 +948,7 @@ def _read_corpus(spec: str, **options):
                 out.append((item.key, item.error, item.columns))
                 continue
             try:
-                out.append((item.key, read_audio(item.audio, 24000, 1), item.columns))
+                out.append((item.key, read_audio(item.audio, 24000, 1)[0], item.columns))
             except AudioError as err:
                 failed.append(err)
     if failed:

@@ -223,7 +223,7 @@ def test_parquet_decoded_arrays(tmp_path):
     assert "differ in length" in items[1].error
 
     # read_audio resamples and mixes down as for files: the two channels cancel out
-    audio = read_audio(items[0].audio, 8000, 1)
+    audio, _ = read_audio(items[0].audio, 8000, 1)
     assert audio.shape == (1, 400) and np.abs(audio).max() < 1e-6
     pq.write_table(pa.table({"audio": nested}), tmp_path / "norate.parquet")
     with pytest.raises(SourceError, match="no 'sampling_rate' column"):
@@ -558,7 +558,7 @@ def test_missing_fsspec_backend_says_what_to_install():
 def test_read_audio_from_bytes(index):
     """flac, wav, mp3 and ogg bytes decode like the same file on disk."""
     item = ITEMS[index]
-    audio = read_audio(item.data, 16_000, 1)
+    audio, _ = read_audio(item.data, 16_000, 1)
     expected, _ = decode_audio(item.data, 16_000, 1)
     np.testing.assert_array_equal(audio, expected)
     data, rate = sf.read(io.BytesIO(item.data), dtype="float32", always_2d=True)
