@@ -182,15 +182,17 @@ KILLER = textwrap.dedent(
 @pytest.mark.parametrize("moment,n", [("step", 6), ("save", 8)])
 def test_killed_and_run_again_equals_an_uninterrupted_run(moment, n, full_run, data, tmp_path):
     """SIGKILL during step 6 (the checkpoint of step 4 complete) or while the checkpoint of
-    step 8 is being written; the same command again finishes the run, and its final state is
-    bit for bit the uninterrupted run's (on the CPU the step is deterministic: same program,
-    same inputs, same PRNG key)."""
+    step 8 is being written (and a metrics line cut short); the same command again finishes the
+    run, and its final state is bit for bit the uninterrupted run's (on the CPU the step is
+    deterministic: same program, same inputs, same PRNG key)."""
     out = tmp_path / "run"
     argv = ["train", *ARGS, "--data", str(data[0]), "--valid", str(data[1]), "--out", str(out)]
     killed = subprocess.run(
         [sys.executable, "-c", KILLER, moment, str(n), *argv], capture_output=True, timeout=600
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    with open(out / "metrics.jsonl", "a") as f:  # as if killed in the middle of a line
+        f.write('{"step": 7, "split": "tr')
     resumed = subprocess.run(
         [sys.executable, "-m", "encodec_jax", *argv], capture_output=True, text=True, timeout=600
     )
@@ -370,11 +372,17 @@ def write_melodies(folder: Path, count: int, seconds: float, seed: int) -> None:
 
 @pytest.mark.slow
 def test_a_real_run_learns_music_without_codebook_collapse(tmp_path):
-    """The tiny preset, 400 steps of batch 8 on 24 synthesised melodies with the data read by
-    two background workers: validation SI-SNR at 4 kbps up by at least 3 dB and the mel distance
-    down by at least 20 % between the first validation (step 50) and the last (measured: see
-    the printed values), and no codebook collapsed (each codebook's perplexity on the validation
-    codes above 8 of 64 codes)."""
+    """audiocraft's recipe unchanged (the tiny preset, lr 3e-4, the adversarial losses from the
+    first step), 1500 steps of batch 8 on 24 synthesised melodies, the data read by two
+    background workers. The balancer gives the untrained discriminator's losses 80 % of the
+    gradient at first, so the reconstruction only starts to improve after a few hundred steps
+    (measured on this machine, validation at steps 250 / 500 / 1000 / 1500: SI-SNR -46.9 /
+    -43.8 / 4.4 / 11.5 dB, mel distance 1.86 / 1.62 / 0.57 / 0.41, codebook perplexity
+    1.1-2.9 / 2.0-3.3 / 40-61 / 54-63 of 64). Asserted between the first validation (step 250)
+    and the last: SI-SNR up by at least 20 dB and above 0 dB, mel distance down by at least
+    40 %, and no codebook collapsed (each perplexity above 32 of 64). The dynamics are chaotic
+    (see test_train_step.py), so another machine follows another trajectory; the margins allow
+    for that."""
     from encodec_jax.train.config import load_config
     from encodec_jax.train.trainer import train
 
@@ -388,21 +396,23 @@ def test_a_real_run_learns_music_without_codebook_collapse(tmp_path):
             "data.batch_size": 8,
             "data.workers": 2,
             "data.valid_segments": 16,
-            "run.steps": 400,
-            "run.valid_every": 50,
-            "run.checkpoint_every": 400,
+            "run.steps": 1500,
+            "run.valid_every": 250,
+            "run.log_every": 250,
+            "run.checkpoint_every": 1500,
         },
     )
     train(config, tmp_path / "run", progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().split()]
-    valid = [r for r in rows if r["split"] == "valid"]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    valid = [r for r in map(json.loads, lines) if r["split"] == "valid"]
     first, last = valid[0], valid[-1]
     print({k: (first[k], last[k]) for k in first if k not in ("step", "split")})
-    assert (first["step"], last["step"]) == (50, 400)
-    assert last["si_snr@4kbps"] >= first["si_snr@4kbps"] + 3.0
-    assert last["mel_distance@4kbps"] <= 0.8 * first["mel_distance@4kbps"]
+    assert (first["step"], last["step"]) == (250, 1500)
+    bw = "@24kbps"  # the tiny model's one bandwidth: 4 codebooks of 6 bits at 1000 frames/s
+    assert last[f"si_snr{bw}"] >= max(first[f"si_snr{bw}"] + 20.0, 0.0)
+    assert last[f"mel_distance{bw}"] <= 0.6 * first[f"mel_distance{bw}"]
     for q in range(4):
-        assert last[f"perplexity/q{q}"] > 8, (q, last)
+        assert last[f"perplexity/q{q}"] > 32, (q, last)
 
 
 @pytest.mark.slow
@@ -418,7 +428,7 @@ def test_bfloat16_compute_trains_with_float32_weights(data, tmp_path):
         args = [*ARGS, "--data", str(data[0]), "--out", str(out), "--compute-dtype", dtype]
         result = train_cli(*args)
         assert result.returncode == 0, result.stderr[-3000:]
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().split()]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         runs[dtype] = [r for r in rows if r["split"] == "train"]
     state = restored(tmp_path / "bfloat16", 8)
     assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {np.dtype(np.float32)}

@@ -384,6 +384,16 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", desc="train", file=sys.stderr)
 
 
+def _logged_step(line: str) -> int | None:
+    """The step of one metrics.jsonl line, or None for a line a kill cut short (appends are not
+    atomic: a run killed mid-write leaves a partial last line, dropped on resume)."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 class _MetricsLog:
     """metrics.jsonl and TensorBoard event files. On resume, records past the restored step
     (written after the last checkpoint by the interrupted run) are dropped from both."""
@@ -397,8 +407,8 @@ class _MetricsLog:
         if self.path.exists():
             kept = [
                 line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= first_step
+                for line in self.path.read_text(errors="replace").splitlines()
+                if (step := _logged_step(line)) is not None and step <= first_step
             ]
             with atomic_write(self.path, "w") as f:
                 f.write("".join(line + "\n" for line in kept))
