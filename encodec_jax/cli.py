@@ -255,7 +255,7 @@ def _stream(args: argparse.Namespace) -> int:
 
 
 def _add_source_options(parser: argparse.ArgumentParser, what: str) -> None:
-    """What `sources.open_source` needs to read a corpus, for the commands that read one."""
+    """What `corpus.open_source` needs to read a corpus, for the commands that read one."""
     parser.add_argument(
         "--source-type",
         choices=["auto", "folder", "parquet", "webdataset", "saved", "hf"],
@@ -287,7 +287,7 @@ def _source_options(args: argparse.Namespace) -> dict:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    from .sources import open_source
+    from .corpus import open_source
     from .tokenize import EXIT_SOME_FAILED, tokenize_source
 
     if args.distributed:

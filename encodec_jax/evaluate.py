@@ -20,7 +20,7 @@ file that cannot be read, encoded or scored is reported with the reason and skip
 depend only on the input and the settings: items are taken in the source's fixed order and
 nothing is random.
 
-The audio comes from any source `encodec-jax tokenize` reads (`sources.open_source`: a folder,
+The audio comes from any source `encodec-jax tokenize` reads (`corpus.open_source`: a folder,
 Parquet files, a saved or Hub dataset, WebDataset shards), or one audio file; each item is read
 once and converted to every model's rate and channel count.
 """
@@ -44,6 +44,7 @@ import numpy as np
 from . import metrics
 from .atomic import atomic_write
 from .audio import AUDIO_EXTENSIONS, AudioError
+from .corpus import open_source
 from .model import EncodecModel
 from .sources import (
     Audio,
@@ -52,7 +53,6 @@ from .sources import (
     SourceError,
     audio_file_source,
     first_line,
-    open_source,
     read_audio,
 )
 
@@ -103,7 +103,7 @@ class EvalItem:
 
 def open_eval_data(data: str | os.PathLike | Source, **source_options) -> Source:
     """The source an evaluation reads: `data` itself if it is an opened `Source`, one local audio
-    file as a source of one item, else `sources.open_source(data, **source_options)` (a folder,
+    file as a source of one item, else `corpus.open_source(data, **source_options)` (a folder,
     Parquet or tar files, a saved or Hub dataset).
 
     Raises:
@@ -158,7 +158,7 @@ def iter_eval_items(
     source's fixed order; an item that cannot be read is yielded with its error.
 
     Args:
-        data: a source, a path or spec `sources.open_source` takes, or one audio file.
+        data: a source, a path or spec `corpus.open_source` takes, or one audio file.
         sample_rate: Hz to resample to.
         channels: channel count to mix to.
         **source_options: passed to `open_source` (kind, split, audio_column, ...).
@@ -257,7 +257,7 @@ def evaluate(
 
     Args:
         models: {name: model}; the name labels the rows (a Hub id or a directory, say).
-        data: an opened `sources.Source`, anything `sources.open_source` opens (a folder of
+        data: an opened `sources.Source`, anything `corpus.open_source` opens (a folder of
             audio files, Parquet or tar shards, a saved or Hub dataset), or one audio file.
         bandwidths: kbps to evaluate, each offered by every model; None or "all": each model's
             own `target_bandwidths`.

@@ -18,7 +18,8 @@ for. `read_audio` turns that audio into what the model takes. Shards are what a 
 | WebDataset `.tar` files | the files | WebDataset's `__key__` | the audio member |
 
 Folders are read here; tables (Parquet, `save_to_disk`, `load_dataset`) in `tables`, tar
-shards in `webdataset`, each turning its files into shards of this interface.
+shards in `webdataset`, each turning its files into shards of this interface; `corpus.open_source`
+tells which kind a spec names and opens it.
 
 Damaged shard content (not a Parquet/tar/Arrow file, a damaged header or page, a truncated tar)
 raises `ShardError` from `Shard.items` at the point where reading stopped; failures of the storage
@@ -189,108 +190,6 @@ def read_audio(
     return decode_audio(data, sample_rate, channels, name)
 
 
-# ---- opening a source ----
-def open_source(
-    spec: str | os.PathLike,
-    *,
-    kind: str = "auto",
-    split: str | None = None,
-    config: str | None = None,
-    audio_column: str | None = None,
-    id_column: str | None = None,
-    keep_columns: Sequence[str] = (),
-    exclude: str | os.PathLike | None = None,
-) -> Source:
-    """Open what `tokenize` reads.
-
-    Args:
-        spec: a folder of audio files; Parquet or WebDataset tar files (a path, glob or brace
-            pattern such as `shards/train-{000000..000099}.tar`); a `save_to_disk` folder; or
-            a Hugging Face dataset id (or a local dataset repository with kind "hf"). Paths may
-            be fsspec URLs (gs://, s3://, hf://, https://, memory://, file://).
-        kind: "auto" (by what `spec` is), or one of KINDS.
-        split: the split of a Hugging Face dataset (default "train").
-        config: the configuration of a Hugging Face dataset.
-        audio_column: the table column holding the audio (default "audio"); for tar shards, the
-            extension of the audio member (default: the one member whose extension is audio).
-        id_column: the table column whose value is each item's key (default: the row number).
-        keep_columns: columns (tar: member extensions) copied into the output rows.
-        exclude: a folder not to look into (the output, when it lies inside the input).
-
-    Raises:
-        SourceError: a source that cannot be used as asked, with what to do instead.
-    """
-    spec = os.fspath(spec)
-    if kind not in ("auto", *KINDS):
-        raise SourceError(f"unknown source type {kind!r} (use one of auto, {', '.join(KINDS)})")
-    keep = tuple(keep_columns)
-    if len(set(keep)) != len(keep) or not all(keep):
-        raise SourceError(f"--keep-columns must name distinct columns, got {','.join(keep)}")
-    if kind == "auto":
-        kind = _detect(spec)
-    if split is not None and kind not in ("hf", "saved"):
-        raise SourceError(f"--split applies to Hugging Face datasets only, not to a {kind} source")
-    if config is not None and kind != "hf":
-        raise SourceError(f"--config applies to Hub datasets only, not to a {kind} source")
-    if kind == "folder":
-        if audio_column is not None or id_column is not None or keep:
-            raise SourceError(
-                "a folder of audio files has no columns: --audio-column, --id-column and "
-                "--keep-columns apply to tables and tar shards"
-            )
-        return _folder_source(spec, exclude)
-    if kind == "webdataset":
-        if id_column is not None:
-            raise SourceError(
-                "tar shards key their items themselves: --id-column applies to tables"
-            )
-        from .webdataset import tar_source
-
-        return tar_source(spec, audio_column, keep)
-    from .tables import table_source
-
-    return table_source(
-        kind,
-        spec,
-        split=split,
-        config=config,
-        audio_column=audio_column,
-        id_column=id_column,
-        keep=keep,
-    )
-
-
-def _detect(spec: str) -> str:
-    if _has_pattern(spec):
-        paths = match_files(spec)
-        exts = {_shard_extension(p) for p in paths}
-        if exts == {".parquet"}:
-            return "parquet"
-        if exts == {".tar"}:
-            return "webdataset"
-        raise SourceError(
-            f"{spec} matches {', '.join(sorted(e or '(no extension)' for e in exts))} files: a "
-            f"pattern must match only .parquet or only .tar files"
-        )
-    fs, path = filesystem(spec)
-    if fs.isdir(path):
-        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
-        if {"state.json", "dataset_info.json"} <= names or "dataset_dict.json" in names:
-            return "saved"
-        return "folder"
-    if fs.isfile(path):
-        ext = _shard_extension(path)
-        if ext in (".parquet", ".tar"):
-            return "parquet" if ext == ".parquet" else "webdataset"
-        raise SourceError(
-            f"{spec} is a {ext or 'extensionless'} file: tokenize reads a folder of audio files, "
-            f".parquet or .tar shards, or a dataset (for one audio file use encodec-jax encode)"
-        )
-    if "://" not in spec and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) and not spec.startswith("."):
-        return "hf"  # not a local path: a Hub dataset id
-    raise SourceError(f"{spec} does not exist (no such file, folder or Hub dataset id)")
-
-
 # ---- file systems and patterns ----
 def filesystem(url: str):
     """(fsspec file system, path on it) for a path or URL, with a clear error for a missing
@@ -317,7 +216,7 @@ def is_local(fs) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def _has_pattern(spec: str) -> bool:
+def has_pattern(spec: str) -> bool:
     return glob_module.has_magic(spec) or re.search(r"\{[^{}]*(,|\.\.)[^{}]*\}", spec) is not None
 
 
@@ -387,7 +286,7 @@ def match_files(spec: str) -> list[tuple[str, int | None]]:
     return sorted(found.items())
 
 
-def _shard_extension(path) -> str:
+def shard_extension(path) -> str:
     name = path[0] if isinstance(path, tuple) else path
     name = name.rstrip("/").rsplit("/", 1)[-1].lower()
     for ext in (".tar.gz", ".tgz", ".parquet", ".tar"):
@@ -447,7 +346,7 @@ def find_audio_files(
     return sorted(found)
 
 
-def _folder_source(spec: str, exclude) -> Source:
+def folder_source(spec: str, exclude) -> Source:
     fs, root = filesystem(spec)
     if not fs.isdir(root):
         raise SourceError(f"input folder {spec} does not exist or is not a folder")
@@ -462,7 +361,7 @@ def _folder_source(spec: str, exclude) -> Source:
             for p in fs.glob(f"{root}/{depth}{ext}")
         )
         if shards:
-            folder, ext = shards[0][len(root) : shards[0].rfind("/")], _shard_extension(shards[0])
+            folder, ext = shards[0][len(root) : shards[0].rfind("/")], shard_extension(shards[0])
             pattern = f"{spec.rstrip('/')}{folder}/*{ext}"
             hint = f"; it holds {ext} files: name them with a pattern, e.g. '{pattern}'" + (
                 ", or stream it as a dataset with --source-type hf" if ext == ".parquet" else ""

@@ -53,7 +53,7 @@ def table_source(
     id_column: str | None,
     keep: tuple[str, ...],
 ) -> Source:
-    """A "parquet", "saved" or "hf" source (see `sources.open_source`)."""
+    """A "parquet", "saved" or "hf" source (see `corpus.open_source`)."""
     columns = _Columns(audio_column or "audio", id_column, keep)
     if kind == "parquet":
         return _parquet_source(spec, columns)

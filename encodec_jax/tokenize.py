@@ -137,7 +137,7 @@ def tokenize_source(
 
     Args:
         model: the codec.
-        source: what to read (`sources.open_source`).
+        source: what to read (`corpus.open_source`).
         output: output directory, local or an fsspec URL (made if missing); an earlier run's
             output there is resumed when its settings are the same, and an error otherwise.
         model_name: the model's Hub id or directory, stored in every row.

@@ -132,7 +132,7 @@ class _TarShard(FileShard):
 
 
 def tar_source(spec: str, audio_ext: str | None, keep: tuple[str, ...]) -> Source:
-    """A "webdataset" source (see `sources.open_source`)."""
+    """A "webdataset" source (see `corpus.open_source`)."""
     import pyarrow as pa
 
     fs, _ = filesystem(spec)

@@ -937,7 +937,8 @@ def _corpus_items() -> list[tuple[str, bytes, str]]:
 
 def _read_corpus(spec: str, **options):
     from encodec_jax.audio import AudioError
-    from encodec_jax.sources import open_source, read_audio
+    from encodec_jax.corpus import open_source
+    from encodec_jax.sources import read_audio
 
     source = open_source(spec, **options)
     out, failed = [], []

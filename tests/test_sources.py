@@ -18,13 +18,13 @@ import pytest
 import soundfile as sf
 
 from encodec_jax.audio import AudioError, decode_audio
+from encodec_jax.corpus import open_source
 from encodec_jax.sources import (
     AudioFile,
     Samples,
     ShardError,
     SourceError,
     expand_braces,
-    open_source,
     read_audio,
 )
 

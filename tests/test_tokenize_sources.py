@@ -449,7 +449,7 @@ def test_pipeline_fills_batches_and_bounds_memory(monkeypatch):
     alive = {"now": 0, "max": 0}
 
     def read_audio(audio, rate, channels, name):
-        return np.zeros(int(audio))
+        return np.zeros(int(audio)), []
 
     monkeypatch.setattr(pipeline_module, "read_audio", read_audio)
     codec = FakeCodec()

@@ -65,6 +65,11 @@ class _Stream:
         """Whether the first step has run (before it, pushes only buffer)."""
         return self._state.started
 
+    @property
+    def state(self):
+        """The pure steps' `StreamState` (a pytree of fixed shapes) as of the last step."""
+        return self._state
+
     def _check_open(self, what: str) -> None:
         if self.closed:
             raise StreamingError(
