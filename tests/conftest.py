@@ -44,3 +44,19 @@ def torch_single_thread():
 
     with one_torch_thread():
         yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs(request):
+    """Drop JAX's in-memory compiled programs after each test module. XLA's CPU backend maps
+    each executable's code into its own memory regions (about six per program), and the whole
+    suite compiles thousands of programs in one process: kept alive, they approach the kernel's
+    limit on mappings (vm.max_map_count, 65530 by default), and the suite crashed inside XLA
+    while serialising a program near the end. Later modules load what they need again from the
+    persistent cache."""
+    yield
+    log = os.environ.get("ENCODEC_JAX_TEST_MAPS_LOG")
+    if log:  # for diagnosing: the mapping count each module leaves behind
+        with open("/proc/self/maps") as f, open(log, "a") as out:
+            out.write(f"{request.module.__name__} {sum(1 for _ in f)}\n")
+    jax.clear_caches()

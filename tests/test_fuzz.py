@@ -18,7 +18,7 @@ import pytest
 
 from .fuzz_readers import READERS
 
-DEFAULT_EXAMPLES = 200
+DEFAULT_EXAMPLES = 120
 SLOW_EXAMPLES = 3000
 ROOT = Path(__file__).resolve().parent.parent
 
