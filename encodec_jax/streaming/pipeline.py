@@ -24,7 +24,8 @@ import soxr
 
 from ..atomic import atomic_write
 from ..audio import AudioError, check_writable_format
-from ..codes import FORMATS, Codes, save_codes
+from ..batching import EncodedItem
+from ..codes import FORMATS, Codes, codes_from_encoding, save_codes
 from .streams import ChunkDecoder, ChunkEncoder, Decoder, Encoder
 
 if TYPE_CHECKING:
@@ -354,19 +355,9 @@ class _FrameRun(_Run):
             self.write(self.decoder.push(codes))
 
     def codes(self, model_name: str, bandwidth) -> Codes:
-        config = self.model.config
         frames = self._codes.array()
-        return Codes(
-            model=str(model_name),
-            sample_rate=config.sampling_rate,
-            channels=config.audio_channels,
-            num_samples=self.num_samples,
-            bandwidth=float(bandwidth if bandwidth is not None else config.target_bandwidths[0]),
-            codebook_size=config.codebook_size,
-            audio_codes=frames[None],
-            audio_scales=None,
-            chunk_frames=(frames.shape[-1],),
-        )
+        item = EncodedItem(frames[None], None, self.num_samples, (frames.shape[-1],))
+        return codes_from_encoding(item, self.model.config, model_name, bandwidth, self.num_samples)
 
     def latency_samples(self) -> int:
         info = self.encoder.info
@@ -416,17 +407,8 @@ class _ChunkRun(_Run):
         scales = None
         if config.normalize:
             scales = np.array([c.scale.reshape(-1)[0] for c in self._chunks], np.float32)
-        return Codes(
-            model=str(model_name),
-            sample_rate=config.sampling_rate,
-            channels=config.audio_channels,
-            num_samples=self.num_samples,
-            bandwidth=float(bandwidth if bandwidth is not None else config.target_bandwidths[0]),
-            codebook_size=config.codebook_size,
-            audio_codes=codes,
-            audio_scales=scales,
-            chunk_frames=tuple(frames),
-        )
+        item = EncodedItem(codes, scales, self.num_samples, tuple(frames))
+        return codes_from_encoding(item, config, model_name, bandwidth, self.num_samples)
 
     def latency_samples(self) -> int:
         return self.model.config.chunk_length
