@@ -24,6 +24,9 @@ import numpy as np
 
 
 def median_time(fn, *args, repeats: int) -> float:
+    # ONNX Runtime's and torch's worker threads spin for a while after a call; a pause keeps
+    # them from taking a core from the next implementation timed.
+    time.sleep(1.0)
     fn(*args)
     times = []
     for _ in range(repeats):
@@ -107,6 +110,7 @@ def main() -> None:
                 if session is not None:
                     feed = {session.get_inputs()[0].name: x.numpy()}
                     t_ort = median_time(session.run, None, feed, repeats=args.repeats)
+                del session
             print(
                 f"{hidden:6} {batch:5} {t_jax:7.3f} {t_ort:7.3f} {t_torch:7.3f} "
                 f"{t_ort / t_jax:6.2f}x {t_torch / t_jax:8.2f}x "

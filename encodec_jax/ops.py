@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from encodec_jax import cpu_lstm
+
 _CONV_DIMS = ("NWC", "OIW", "NWC")
 # A convolution with at most this many weights per input channel runs as a matmul (conv1d).
 _SMALL_CONV_SIDE = 32
@@ -229,18 +231,28 @@ def lstm_scan(
     w_ih_t: jax.Array,
     w_hh_t: jax.Array,
     bias: jax.Array,
+    packed: jax.Array | None,
     state: tuple[jax.Array, jax.Array],
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One LSTM layer over `[B, T, C]` from `state` = (h, c), each `[B, H]`, with the weights
     transposed (`w_ih_t` `[C, 4H]`, `w_hh_t` `[H, 4H]`) and the two biases summed: (outputs
     `[B, T, H]`, final (h, c)). Streaming carries the final state into the next chunk, with the
-    weights transposed once. The arithmetic of `lstm_layer` (from a zero state) step for step,
-    forward only: streaming needs no gradient, so it scans directly rather than through
-    `lstm_recurrence`.
+    weights laid out once (`packed`: `lstm_packed_weight(w_hh_t)`, or None to pack on every
+    call). The arithmetic of `lstm_layer` (from a zero state) step for step,
+    forward only: streaming needs no gradient, so it runs the recurrence directly rather than
+    through `lstm_recurrence`.
     """
     projected = x @ w_ih_t + bias  # [B, T, 4H]
-    state, hs, _, _ = _lstm_scan(projected.swapaxes(0, 1), w_hh_t, state)
+    state, hs, _, _ = _lstm_scan(projected.swapaxes(0, 1), w_hh_t, state, packed, keep_gates=False)
     return hs.swapaxes(0, 1), state
+
+
+def lstm_packed_weight(w_hh_t: jax.Array) -> jax.Array | None:
+    """The recurrent weight `[H, 4H]` laid out for the CPU kernel (`cpu_lstm.pack`), or None
+    where the recurrence will run as a scan (no kernel compiled, or not a CPU backend)."""
+    if cpu_lstm.available and jax.default_backend() == "cpu":
+        return cpu_lstm.pack(w_hh_t)
+    return None
 
 
 @jax.custom_vjp
@@ -254,13 +266,41 @@ def lstm_recurrence(gates_x: jax.Array, w_hh_t: jax.Array) -> jax.Array:
     LSTMs); here the loop only carries the state, and the weight gradient is one matmul over all
     steps after it.
     """
-    return _lstm_scan(gates_x, w_hh_t)[1]
+    return _lstm_scan(gates_x, w_hh_t, keep_gates=False)[1]
 
 
-def _lstm_scan(gates_x: jax.Array, w_hh_t: jax.Array, state=None):
-    """(final (h, c), hidden states, cell states, gate pre-activations), the last three
-    `[T, B, ...]`, from `state` = (h, c) or zeros."""
+def _lstm_scan(gates_x: jax.Array, w_hh_t: jax.Array, state=None, packed=None, keep_gates=True):
+    """(final (h, c), hidden states, cell states, gate pre-activations or None without
+    `keep_gates`), the last three `[T, B, ...]`, from `state` = (h, c) or zeros.
+
+    On a CPU, in float32, with the extension compiled, the recurrence is `cpu_lstm`'s custom call
+    (2x the scan from batch 4; `benchmarks/RESULTS.md`); elsewhere a `lax.scan`. The two round
+    differently (summation order, sigmoid and tanh), each the same way for every batch size and
+    position in the batch."""
     hidden = w_hh_t.shape[0]
+    if state is None:
+        zeros = jnp.zeros((gates_x.shape[1], hidden), gates_x.dtype)
+        state = (zeros, zeros)
+
+    def scan():
+        final, hs, cs, gates = _xla_lstm_scan(gates_x, w_hh_t, state)
+        return final, hs, cs, gates if keep_gates else None
+
+    arrays = (gates_x, w_hh_t, *state)
+    if not cpu_lstm.available or any(a.dtype != jnp.float32 for a in arrays):
+        return scan()
+
+    def kernel():
+        weight = cpu_lstm.pack(w_hh_t) if packed is None else packed
+        hs, cs, gates = cpu_lstm.recurrence(gates_x, weight, state, keep_gates)
+        final = (hs[-1], cs[-1]) if gates_x.shape[0] else state
+        return final, hs, cs, gates
+
+    return lax.platform_dependent(cpu=kernel, default=scan)
+
+
+def _xla_lstm_scan(gates_x: jax.Array, w_hh_t: jax.Array, state):
+    """`_lstm_scan` as a `lax.scan`: every backend, every dtype."""
     recurrent_product = _recurrent_product(gates_x.shape[1], w_hh_t)
 
     def step(carry, gx):
@@ -268,9 +308,6 @@ def _lstm_scan(gates_x: jax.Array, w_hh_t: jax.Array, state=None):
         h, c = lstm_cell(gates, carry[1])
         return (h, c), (h, c, gates)
 
-    if state is None:
-        zeros = jnp.zeros((gates_x.shape[1], hidden), gates_x.dtype)
-        state = (zeros, zeros)
     state, (hs, cs, gates) = lax.scan(step, state, gates_x)
     return state, hs, cs, gates
 

@@ -1,0 +1,85 @@
+"""The LSTM recurrence on the CPU as one XLA custom call (`_lstm_cpu.cc`).
+
+XLA's CPU dot packs its right-hand operand on every call, and inside the LSTM's `lax.scan` that
+operand is the same `[H, 4H]` recurrent weight on every step: a 1024-wide layer moves its 16 MB
+weight about three times per step, and no form of the product written in JAX avoids it
+(`benchmarks/RESULTS.md`, "The recurrent product: forms measured"). The custom call takes the
+weight packed once (`pack`) and reads it once per step, with the cell applied in the same pass.
+
+The extension is compiled when the package is installed (`setup.py`; optional, so an install
+without a C++ compiler still works). Where it is missing, on other backends (`ops._lstm_scan`
+chooses per platform) and for dtypes other than float32, the recurrence runs as a `lax.scan`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+try:
+    from encodec_jax import _lstm_cpu
+except ImportError:  # not compiled: ops falls back to the scan
+    _lstm_cpu = None
+
+TARGET = "encodec_jax_lstm_recurrence"
+LANES = 16  # units per packed block (_lstm_cpu.cc: kLanes)
+
+available = _lstm_cpu is not None
+if available:
+    jax.ffi.register_ffi_target(TARGET, _lstm_cpu.lstm_recurrence, platform="cpu")
+
+
+def padded(hidden: int) -> int:
+    """The hidden size the kernel runs at: a multiple of its 16-unit blocks."""
+    return -(-hidden // LANES) * LANES
+
+
+def pack(w_hh_t: jax.Array) -> jax.Array:
+    """The recurrent weight `[H, 4H]` (gate order i, f, g, o) laid out for the kernel:
+    `[H' / 16, 4, H', 16]` (`H'` = `padded(H)`), block `u` holding units `16u .. 16u + 15` of all
+    four gates, contraction-major. Padded units have zero weights, so they stay at zero and add
+    nothing to the real units' sums."""
+    hidden = w_hh_t.shape[0]
+    size = padded(hidden)
+    w = w_hh_t.reshape(hidden, 4, hidden)  # [k, gate, unit]
+    w = jnp.pad(w, ((0, size - hidden), (0, 0), (0, size - hidden)))
+    return w.reshape(size, 4, size // LANES, LANES).transpose(2, 1, 0, 3)
+
+
+def recurrence(
+    gates_x: jax.Array,
+    packed: jax.Array,
+    state: tuple[jax.Array, jax.Array],
+    keep_gates: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Hidden and cell states `[T, B, H]` (and, with `keep_gates`, the summed gate pre-activations
+    `[T, B, 4H]`, which the backward pass needs) from input gate pre-activations `[T, B, 4H]`,
+    the `pack`ed weight and the initial `state` (h, c) `[B, H]`. float32 only.
+
+    The kernel works batch-major; the time-major arrays are transposed on the way in and out,
+    and where the caller's own arrays are batch-major (`ops.lstm_layer`) XLA cancels the two
+    transposes, so nothing is copied."""
+    steps, batch, four_h = gates_x.shape
+    hidden = four_h // 4
+    size = padded(hidden)
+    pad = size - hidden
+    gx = gates_x.swapaxes(0, 1).reshape(batch, steps, 4, hidden)
+    h0, c0 = state
+    if pad:
+        gx = jnp.pad(gx, ((0, 0), (0, 0), (0, 0), (0, pad)))
+        h0, c0 = (jnp.pad(a, ((0, 0), (0, pad))) for a in (h0, c0))
+    f32 = jnp.float32
+    out_types = (
+        jax.ShapeDtypeStruct((batch, steps, size), f32),
+        jax.ShapeDtypeStruct((batch, steps, size), f32),
+        jax.ShapeDtypeStruct((batch, steps, 4, size) if keep_gates else (0,), f32),
+    )
+    # vmap: one call per mapped element, each the same arithmetic as an unmapped call.
+    call = jax.ffi.ffi_call(TARGET, out_types, vmap_method="sequential")
+    hs, cs, gates = call(gx, packed, h0, c0, save_gates=keep_gates)
+    if pad:
+        hs, cs = hs[..., :hidden], cs[..., :hidden]
+        gates = gates[..., :hidden] if keep_gates else gates
+    hs, cs = hs.swapaxes(0, 1), cs.swapaxes(0, 1)
+    gates = gates.reshape(batch, steps, four_h).swapaxes(0, 1) if keep_gates else None
+    return hs, cs, gates

@@ -1,0 +1,160 @@
+"""The CPU LSTM kernel (`encodec_jax.cpu_lstm`, `_lstm_cpu.cc`) against a float64 NumPy LSTM and
+against the `lax.scan` it replaces on the CPU; its properties (row independence, threads,
+padding, saturation, NaN) and its use through jit, vmap, grad and streaming."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from encodec_jax import cpu_lstm, ops
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
+
+
+def test_the_kernel_is_built():
+    """The extension is optional at install time (no compiler: the scan serves); the project's own
+    install must have it, or every other test here would only test the scan."""
+    assert cpu_lstm.available, "encodec_jax._lstm_cpu did not build: see `pip install -v -e .`"
+
+
+def _problem(rng, steps, batch, hidden, scale=1.0):
+    gates_x = scale * rng.standard_normal((steps, batch, 4 * hidden)).astype(np.float32)
+    w_hh_t = (rng.standard_normal((hidden, 4 * hidden)) / np.sqrt(hidden)).astype(np.float32)
+    h0 = (0.5 * rng.standard_normal((batch, hidden))).astype(np.float32)
+    c0 = rng.standard_normal((batch, hidden)).astype(np.float32)
+    return gates_x, w_hh_t, (h0, c0)
+
+
+def _reference(gates_x, w_hh_t, state):
+    """The recurrence in float64 NumPy: (hs, cs, gate pre-activations), each `[T, B, ...]`."""
+    w = w_hh_t.astype(np.float64)
+    h, c = (a.astype(np.float64) for a in state)
+    hs, cs, pres = [], [], []
+    for gx in gates_x.astype(np.float64):
+        pre = gx + h @ w
+        i, f, g, o = np.split(pre, 4, axis=-1)
+        sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+        c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+        h = sigmoid(o) * np.tanh(c)
+        hs.append(h), cs.append(c), pres.append(pre)
+    if not hs:  # no steps
+        empty = np.zeros((0, *gates_x.shape[1:]))
+        return empty[..., : w.shape[0]], empty[..., : w.shape[0]], empty
+    return np.array(hs), np.array(cs), np.array(pres)
+
+
+@jax.jit
+def _kernel(gates_x, w_hh_t, state):
+    return cpu_lstm.recurrence(gates_x, cpu_lstm.pack(w_hh_t), state, keep_gates=True)
+
+
+@pytest.mark.parametrize(
+    "steps, batch, hidden",
+    [(7, 1, 16), (7, 5, 16), (9, 3, 20), (5, 9, 48), (1, 4, 33), (0, 2, 16)],
+)  # batch 5 and 9: the 4-row blocks and a remainder; hidden 20, 33: padded to 32, 48
+def test_kernel_matches_a_float64_lstm(steps, batch, hidden):
+    gates_x, w_hh_t, state = _problem(
+        np.random.default_rng(steps * 100 + batch), steps, batch, hidden
+    )
+    hs, cs, pre = (np.asarray(a) for a in _kernel(gates_x, w_hh_t, state))
+    want = _reference(gates_x, w_hh_t, state)
+    assert hs.shape == cs.shape == (steps, batch, hidden) and pre.shape == (
+        steps,
+        batch,
+        4 * hidden,
+    )
+    # float32 sums of up to 48 terms and sigmoid/tanh within a few 1e-8, over up to 9 steps:
+    # atol 2e-6 on values of order 1 (measured: 4.3e-7).
+    for got, expected in zip((hs, cs, pre), want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+
+
+def test_kernel_agrees_with_the_scan_it_replaces():
+    """512 units, 50 steps: the kernel and `lax.scan` round differently (sum order, sigmoid, tanh),
+    so they agree to float32 rounding, not bit for bit."""
+    gates_x, w_hh_t, state = _problem(np.random.default_rng(1), 50, 3, 512)
+    _, hs_scan, cs_scan, _ = jax.jit(ops._xla_lstm_scan)(gates_x, w_hh_t, state)
+    hs, cs, _ = _kernel(gates_x, w_hh_t, state)
+    # 512-term sums over 50 steps: atol 1e-5 (measured: 5.1e-7).
+    np.testing.assert_allclose(hs, hs_scan, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(cs, cs_scan, rtol=0, atol=1e-5)
+
+
+def test_a_row_does_not_depend_on_its_batch_or_on_threads():
+    """Bit-exact: a row alone (one thread: the helper task is only scheduled for larger steps)
+    and the same row inside a batch of 6 (4-row block plus remainder, split between two threads)
+    give the same numbers, so codes never depend on how a corpus was batched."""
+    gates_x, w_hh_t, state = _problem(np.random.default_rng(2), 20, 6, 256)
+    hs, cs, pre = _kernel(gates_x, w_hh_t, state)
+    for row in range(6):
+        alone = _kernel(gates_x[:, row : row + 1], w_hh_t, tuple(a[row : row + 1] for a in state))
+        for got, batched in zip(alone, (hs, cs, pre), strict=True):
+            np.testing.assert_array_equal(got[:, 0], batched[:, row])
+
+
+def test_saturation_and_nan():
+    """Huge pre-activations saturate the gates to exactly 0 or 1 with no NaN; a NaN input stays
+    NaN (it is not clamped into a finite value)."""
+    gates_x, w_hh_t, state = _problem(np.random.default_rng(3), 3, 2, 16)
+    huge = np.sign(gates_x) * np.float32(1e30)
+    hs, cs, _ = (np.asarray(a) for a in _kernel(huge, w_hh_t, state))
+    assert np.isfinite(hs).all() and np.isfinite(cs).all()
+    assert np.all(np.abs(hs) <= 1)
+    poisoned = gates_x.copy()
+    poisoned[1, 0, 5] = np.nan
+    hs, _, _ = (np.asarray(a) for a in _kernel(poisoned, w_hh_t, state))
+    assert np.isnan(hs[1:, 0]).any() and np.isfinite(hs[:, 1]).all() and np.isfinite(hs[0]).all()
+
+
+def test_lstm_layer_runs_the_kernel_on_the_cpu_in_float32_only():
+    x = jnp.ones((2, 5, 8), jnp.float32)
+    weights = [jnp.full(s, 0.1, jnp.float32) for s in [(64, 8), (64, 16), (64,), (64,)]]
+    text = jax.jit(ops.lstm_layer).lower(x, *weights).as_text()
+    assert cpu_lstm.TARGET in text
+    as_bf16 = [a.astype(jnp.bfloat16) for a in (x, *weights)]
+    bf16 = jax.jit(ops.lstm_layer).lower(*as_bf16).as_text()
+    assert cpu_lstm.TARGET not in bf16
+
+
+def test_vmap_and_grad_through_the_kernel():
+    """vmap runs one call per element (the same numbers as unmapped calls, bit for bit); the
+    gradient (the hand-written backward of `lstm_recurrence` over the kernel's saved gates) agrees
+    with the gradient of the float64 scan."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 2, 6, 8)).astype(np.float32)
+    shapes = [(80, 8), (80, 20), (80,), (80,)]
+    weights = [(0.3 * rng.standard_normal(s)).astype(np.float32) for s in shapes]
+    layer = jax.jit(ops.lstm_layer)
+    mapped = jax.jit(jax.vmap(ops.lstm_layer, in_axes=(0, None, None, None, None)))(x, *weights)
+    for i in range(3):
+        np.testing.assert_array_equal(mapped[i], layer(x[i], *weights))
+
+    probe = rng.standard_normal((2, 6, 20))
+
+    def loss(x, *w):
+        return jnp.sum(jnp.sin(ops.lstm_layer(x, *w)) * probe.astype(x.dtype))
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(x[0], *weights)
+    with jax.enable_x64(True):  # float64: the scan path
+        expected = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(
+            x[0].astype(np.float64), *(w.astype(np.float64) for w in weights)
+        )
+    # float32 against float64 through 6 steps of 20 units: atol 1e-5 (measured: 3.5e-7).
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=0, atol=1e-5)
+
+
+def test_streaming_with_the_weight_packed_once_equals_packing_per_call():
+    gates = np.random.default_rng(5).standard_normal
+    x = gates((2, 4, 8)).astype(np.float32)
+    w_ih_t, w_hh_t, bias = (gates(s).astype(np.float32) * 0.2 for s in [(8, 64), (16, 64), (64,)])
+    state = (jnp.zeros((2, 16)), jnp.zeros((2, 16)))
+    packed = ops.lstm_packed_weight(w_hh_t)
+    assert packed is not None
+    once = jax.jit(ops.lstm_scan)(x, w_ih_t, w_hh_t, bias, packed, state)
+    per_call = jax.jit(ops.lstm_scan)(x, w_ih_t, w_hh_t, bias, None, state)
+    for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(per_call), strict=True):
+        np.testing.assert_array_equal(a, b)
