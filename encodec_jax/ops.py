@@ -130,8 +130,8 @@ def conv_transpose1d(x: jax.Array, weight: jax.Array, bias: jax.Array, stride: i
     """Full (untrimmed) transposed convolution. x: `[B, T, Cin]`; weight: `[Cin, Cout, K]`.
 
     Returns `[B, (T - 1) * stride + K, Cout]`. When the kernel is a multiple of the stride (EnCodec
-    always uses kernel = 2 * stride) it runs as matmuls over kernel blocks, which skips the
-    multiplications by inserted zeros that a dilated convolution would do.
+    always uses kernel = 2 * stride) it runs over kernel blocks (`transpose_blocks_conv`), which
+    skips the multiplications by inserted zeros that a dilated convolution would do.
     """
     _, c_out, kernel = weight.shape
     if kernel % stride:
@@ -145,11 +145,8 @@ def conv_transpose1d(x: jax.Array, weight: jax.Array, bias: jax.Array, stride: i
             dimension_numbers=_CONV_DIMS,
         )
         return y + bias
-    w = transpose_weight_blocks(weight, stride)
-    if stride * c_out >= _STACKED_TRANSPOSE_MIN_WIDTH:
-        out = transpose_blocks_stacked(x, w)
-    else:
-        out = transpose_blocks_summed(x, w)
+    blocks = kernel // stride
+    out = transpose_blocks_conv(x, transpose_weight_blocks(weight, stride), blocks - 1)
     return out.reshape(x.shape[0], -1, c_out) + bias
 
 
@@ -161,40 +158,34 @@ def transpose_weight_blocks(weight: jax.Array, stride: int) -> jax.Array:
     return w.reshape(kernel // stride, c_in, stride * c_out)
 
 
-# Measured on the CPU (benchmarks/ablations.py, 8 x 10 s): stacking the shifted inputs is as
-# fast or up to 1.3x faster where a block's output is 256 or more wide (1.19x on the 32 kHz
-# decoder's largest layer), and 0.67x at 64 wide (the last layer of the 24 and 48 kHz decoders).
+def transpose_blocks_conv(x: jax.Array, w: jax.Array, padding: int) -> jax.Array:
+    """The block sum `out[t] = sum_k x[t - k] @ w[k]` (`w`: `transpose_weight_blocks`) as one
+    XLA convolution of `x` (zero-padded by `padding` steps on each side) with the blocks in
+    reverse order, `[B, T + 2 * padding - blocks + 1, width]`.
+
+    On the CPU this is 1.6-3x the same sum as matmuls (the shifted inputs stacked side by side,
+    or one product per block padded into place and added), which write and re-read block-sized
+    copies of the activations: 218 against 625 ms for the 32 kHz decoder's last layer at
+    4 x 10 s (`benchmarks/RESULTS.md`)."""
+    taps = jnp.flip(w, axis=0)  # a convolution correlates: tap j meets x[t + j - padding]
+    return lax.conv_general_dilated(
+        x, taps, (1,), [(padding, padding)], dimension_numbers=("NWC", "WIO", "NWC")
+    )
+
+
+# Streaming steps are a few frames long, where the convolution's per-call kernel layout costs
+# more than it saves: there the block sum stays a matmul. Measured on the CPU
+# (benchmarks/ablations.py, 8 x 10 s): stacking the shifted inputs is as fast or up to 1.3x
+# faster where a block's output is 256 or more wide, and 0.67x at 64 wide.
 _STACKED_TRANSPOSE_MIN_WIDTH = 256
-
-
-def transpose_blocks_stacked(x: jax.Array, w: jax.Array) -> jax.Array:
-    """The block sum as one matmul: the input and its shifted copies side by side, contracted
-    with the blocks stacked, `[B, T + blocks - 1, blocks * Cin] @ [blocks * Cin, width]`. Each
-    output is written once, with no partial products to pad and add."""
-    blocks, c_in, width = w.shape
-    padded = jnp.pad(x, ((0, 0), (blocks - 1, blocks - 1), (0, 0)))
-    positions = x.shape[1] + blocks - 1
-    shifted = [padded[:, blocks - 1 - k : blocks - 1 - k + positions] for k in range(blocks)]
-    return jnp.concatenate(shifted, axis=-1) @ w.reshape(blocks * c_in, width)
-
-
-def transpose_blocks_summed(x: jax.Array, w: jax.Array) -> jax.Array:
-    """The block sum as one matmul per block, each product padded into place and added: no copy
-    of the input, but `blocks` full-size partial products."""
-    blocks = w.shape[0]
-    out = None
-    for k in range(blocks):
-        y = jnp.pad(x @ w[k], ((0, 0), (k, blocks - 1 - k), (0, 0)))
-        out = y if out is None else out + y
-    return out
 
 
 def transpose_blocks_valid(x: jax.Array, w: jax.Array) -> jax.Array:
     """The output blocks whose inputs all lie in `x`: block t (t = blocks - 1 ... T - 1) is the sum
     over k of `x[t - k] @ w[k]`, `[B, T - blocks + 1, width]`. Streaming calls it with the
-    previous `blocks - 1` inputs in front of a chunk. Same arithmetic as `conv_transpose1d`: one
-    matmul over the stacked shifted inputs where blocks are wide, else one per block, summed in
-    block order."""
+    previous `blocks - 1` inputs in front of a chunk. The products of `conv_transpose1d`, as
+    matmuls (one over the stacked shifted inputs where blocks are wide, else one per block,
+    summed in block order), so the sums may round differently from its convolution."""
     blocks, c_in, width = w.shape
     steps = x.shape[1] - blocks + 1
     shifted = [x[:, blocks - 1 - k : blocks - 1 - k + steps] for k in range(blocks)]

@@ -263,9 +263,10 @@ def test_conv_transpose1d_matches_torch(length, kernel, stride):
 
 @needs_torch
 @pytest.mark.parametrize("kernel,stride,c_out", [(8, 4, 64), (4, 2, 128), (16, 8, 32)])
-def test_wide_conv_transpose1d_stacks_its_blocks_and_matches_torch(kernel, stride, c_out):
-    """Blocks 256 wide (stride * Cout) take the stacked-input matmul; narrower ones (above) the
-    per-block sum. Both forms agree, and with torch."""
+def test_wide_conv_transpose1d_and_its_streaming_form_match_torch(kernel, stride, c_out):
+    """Blocks 256 wide (stride * Cout): the convolution over blocks, and streaming's matmul over
+    the stacked shifted inputs (`transpose_blocks_valid`, narrower blocks above through the
+    model's streaming tests), agree with each other and with torch."""
     assert stride * c_out >= ops._STACKED_TRANSPOSE_MIN_WIDTH
     rng = _rng(kernel)
     x, w, b = _randn(rng, 2, 4, 9), _randn(rng, 4, c_out, kernel), _randn(rng, c_out)
@@ -275,9 +276,10 @@ def test_wide_conv_transpose1d_stacks_its_blocks_and_matches_torch(kernel, strid
     # float32 sums of 4 * 2 products: rtol 1e-6 / atol 1e-6, as above.
     np.testing.assert_allclose(got.transpose(0, 2, 1), expected, rtol=1e-6, atol=1e-6)
     blocks = ops.transpose_weight_blocks(jnp.asarray(w), stride)
-    stacked = ops.transpose_blocks_stacked(x_, blocks)
-    summed = ops.transpose_blocks_summed(x_, blocks)
-    np.testing.assert_allclose(np.asarray(stacked), np.asarray(summed), rtol=1e-6, atol=1e-6)
+    edge = kernel // stride - 1
+    padded = jnp.pad(x_, ((0, 0), (edge, edge), (0, 0)))
+    stacked = ops.transpose_blocks_valid(padded, blocks).reshape(2, -1, c_out) + b
+    np.testing.assert_allclose(np.asarray(stacked), got, rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- group_norm
