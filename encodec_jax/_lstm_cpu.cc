@@ -1,7 +1,7 @@
-// The LSTM recurrence as one XLA:CPU custom call (see encodec_jax/lstm_cpu.py for why).
+// The LSTM recurrence as one XLA:CPU custom call (see encodec_jax/cpu_lstm.py for why).
 //
-// Each step computes, for every batch row b and unit u,
-//   gates[b, g, u] = gx[t, b, g, u] + sum_k h[b, k] * w_hh[g, u, k]   (g = i, f, g, o)
+// Each step t computes, for every batch row b and unit u,
+//   gates[b, t, g, u] = gx[b, t, g, u] + sum_k h[b, t - 1, k] * w_hh[g, u, k]   (g = i, f, g, o)
 // then the cell. XLA's dot packs the [H, 4H] weight on every step (it cannot know the weight is
 // the same each step), so a step moves the weight about three times; here it is packed once by
 // the caller (`w` below, 16 units of all four gates per block, contraction-major) and every step
@@ -175,7 +175,10 @@ void work_on(Shared& shared, int64_t t) {
   }
 }
 
-void helper(const std::shared_ptr<Shared>& shared) {
+void helper(const std::shared_ptr<Shared>& shared, std::thread::id caller) {
+  // A pool that cannot take the task runs it at once in the caller, before any step is
+  // published: waiting there would never end, and the caller does every block itself anyway.
+  if (std::this_thread::get_id() == caller) return;
   int64_t t = 0;
   const int64_t last = static_cast<int64_t>(shared->steps.size()) - 1;
   while (t <= last) {
@@ -224,7 +227,7 @@ ffi::Error lstm_recurrence(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::
   }
   // One helper is worth its scheduling (a few microseconds) when a step has real work.
   if (pool.num_threads() > 1 && shared->blocks > 1 && B * H * H >= (1 << 18))
-    pool.Schedule([shared] { helper(shared); });
+    pool.Schedule([shared, caller = std::this_thread::get_id()] { helper(shared, caller); });
   for (int64_t t = 0; t < T; ++t) {
     shared->published.store(t, std::memory_order_release);
     work_on(*shared, t);
