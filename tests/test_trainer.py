@@ -332,6 +332,8 @@ EIGHT_DEVICES = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # ~1 min, mostly compiling both steps; the default suite's multi-device checks
+# are the quantizer's (test_train_quantizer) and the codec's (test_batching, test_functional)
 def test_eight_devices_equal_one_device():
     """The same global batch of 8 on 1 device and split over 8: every leaf of the state after 3
     steps (parameters, codebooks and their EMA counts, both optimizers, balancer, EMA) within
