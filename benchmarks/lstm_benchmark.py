@@ -6,14 +6,16 @@
 Same random weights in all three, a `[B, T, C]` input of `--steps` frames (500: 10 s at the 50 Hz
 frame rate of the 32 kHz model), both layers including their input projections, 2 threads
 everywhere (torch.set_num_threads, ORT's intra-op threads; XLA uses the machine's 2 cores).
-Prints median seconds per call and the
-largest difference from torch's output. ONNX Runtime is skipped when `onnxruntime` or `onnx`
+The three take turns call by call
+(a shared machine's slow minutes then fall on all of them). Prints median seconds per call and
+the largest difference from torch's output. ONNX Runtime is skipped when `onnxruntime` or `onnx`
 does not import (`pip install encodec-jax[benchmarks]`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -23,17 +25,21 @@ from pathlib import Path
 import numpy as np
 
 
-def median_time(fn, *args, repeats: int) -> float:
-    # ONNX Runtime's and torch's worker threads spin for a while after a call; a pause keeps
-    # them from taking a core from the next implementation timed.
-    time.sleep(1.0)
-    fn(*args)
-    times = []
+def interleaved_medians(calls: dict, repeats: int, pause: float = 0.3) -> dict:
+    """Median seconds per call of each `name: fn` (no arguments), the implementations taking
+    turns round by round, so that a slow minute on this shared machine slows all of them rather
+    than whichever ran then. ONNX Runtime's and torch's worker threads spin for a while after a
+    call; the pause keeps them from taking a core from the next implementation timed."""
+    for fn in calls.values():
+        fn()  # compile, warm up
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in calls.items():
+            time.sleep(pause)
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def jax_call(fn, *args):
@@ -101,16 +107,18 @@ def main() -> None:
             with torch.no_grad():
                 expected = lstm(x)[0].numpy()
             got = np.asarray(ours(xj, params))
-            t_jax = median_time(jax_call, ours, xj, params, repeats=args.repeats)
+            calls = {"jax": functools.partial(jax_call, ours, xj, params)}
             with torch.no_grad():
-                t_torch = median_time(lstm, x, repeats=args.repeats)
-            with tempfile.TemporaryDirectory() as tmp:
-                session = ort_session(lstm, (x,), Path(tmp) / "lstm.onnx")
-                t_ort = float("nan")
+                calls["torch"] = functools.partial(lstm, x)
+                with tempfile.TemporaryDirectory() as tmp:
+                    session = ort_session(lstm, (x,), Path(tmp) / "lstm.onnx")
                 if session is not None:
                     feed = {session.get_inputs()[0].name: x.numpy()}
-                    t_ort = median_time(session.run, None, feed, repeats=args.repeats)
-                del session
+                    calls["ORT"] = functools.partial(session.run, None, feed)
+                medians = interleaved_medians(calls, args.repeats)
+            del session
+            t_jax, t_torch = medians["jax"], medians["torch"]
+            t_ort = medians.get("ORT", float("nan"))
             print(
                 f"{hidden:6} {batch:5} {t_jax:7.3f} {t_ort:7.3f} {t_torch:7.3f} "
                 f"{t_ort / t_jax:6.2f}x {t_torch / t_jax:8.2f}x "

@@ -49,37 +49,45 @@ def pack(w_hh_t: jax.Array) -> jax.Array:
 def recurrence(
     gates_x: jax.Array,
     packed: jax.Array,
+    bias: jax.Array,
     state: tuple[jax.Array, jax.Array],
-    keep_gates: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Hidden and cell states `[T, B, H]` (and, with `keep_gates`, the summed gate pre-activations
-    `[T, B, 4H]`, which the backward pass needs) from input gate pre-activations `[T, B, 4H]`,
-    the `pack`ed weight and the initial `state` (h, c) `[B, H]`. float32 only.
+    training: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+    """(hidden states `[T, B, H]`, last cell state `[B, H]`, every cell state `[T, B, H]`, summed
+    gate pre-activations `[T, B, 4H]`) from the input projection `gates_x` `[T, B, 4H]` without
+    its bias, the `pack`ed weight, the summed biases `bias` `[4H]` and the initial `state` (h, c)
+    `[B, H]`. The last two results, which only the backward pass needs, are None unless
+    `training`. float32 only.
 
     The kernel works batch-major; the time-major arrays are transposed on the way in and out,
     and where the caller's own arrays are batch-major (`ops.lstm_layer`) XLA cancels the two
     transposes, so nothing is copied."""
     steps, batch, four_h = gates_x.shape
     hidden = four_h // 4
+    h0, c0 = state
+    if steps == 0:
+        empty = jnp.zeros((0, batch, hidden), jnp.float32)
+        return empty, c0, (empty if training else None), (gates_x if training else None)
     size = padded(hidden)
     pad = size - hidden
     gx = gates_x.swapaxes(0, 1).reshape(batch, steps, 4, hidden)
-    h0, c0 = state
+    bias = bias.reshape(4, hidden)
     if pad:
         gx = jnp.pad(gx, ((0, 0), (0, 0), (0, 0), (0, pad)))
+        bias = jnp.pad(bias, ((0, 0), (0, pad)))
         h0, c0 = (jnp.pad(a, ((0, 0), (0, pad))) for a in (h0, c0))
     f32 = jnp.float32
     out_types = (
         jax.ShapeDtypeStruct((batch, steps, size), f32),
-        jax.ShapeDtypeStruct((batch, steps, size), f32),
-        jax.ShapeDtypeStruct((batch, steps, 4, size) if keep_gates else (0,), f32),
+        jax.ShapeDtypeStruct((batch, steps if training else 1, size), f32),
+        jax.ShapeDtypeStruct((batch, steps, 4, size) if training else (0,), f32),
     )
     # vmap: one call per mapped element, each the same arithmetic as an unmapped call.
     call = jax.ffi.ffi_call(TARGET, out_types, vmap_method="sequential")
-    hs, cs, gates = call(gx, packed, h0, c0, save_gates=keep_gates)
-    if pad:
-        hs, cs = hs[..., :hidden], cs[..., :hidden]
-        gates = gates[..., :hidden] if keep_gates else gates
-    hs, cs = hs.swapaxes(0, 1), cs.swapaxes(0, 1)
-    gates = gates.reshape(batch, steps, four_h).swapaxes(0, 1) if keep_gates else None
-    return hs, cs, gates
+    hs, cs, gates = call(gx, packed, bias, h0, c0, training=training)
+    hs = hs[..., :hidden].swapaxes(0, 1)
+    cs = cs[..., :hidden].swapaxes(0, 1)
+    if not training:
+        return hs, cs[0], None, None
+    gates = gates[..., :hidden].reshape(batch, steps, four_h).swapaxes(0, 1)
+    return hs, cs[-1], cs, gates

@@ -211,10 +211,10 @@ def lstm_layer(
     """One unidirectional LSTM layer over `[B, T, C]` from a zero state, PyTorch gate order i,f,g,o.
 
     The input projection does not depend on the recurrence, so it is one large matmul outside the
-    scan; only `h @ w_hh.T` stays inside the loop (`lstm_recurrence`).
+    scan; only `h @ w_hh.T` stays inside the loop (`lstm_recurrence`), which also adds the biases.
     """
-    projected = x @ w_ih.T + (b_ih + b_hh)  # [B, T, 4H]
-    return lstm_recurrence(projected.swapaxes(0, 1), w_hh.T).swapaxes(0, 1)
+    projected = x @ w_ih.T  # [B, T, 4H]
+    return lstm_recurrence(projected.swapaxes(0, 1), w_hh.T, b_ih + b_hh).swapaxes(0, 1)
 
 
 def lstm_scan(
@@ -233,8 +233,8 @@ def lstm_scan(
     forward only: streaming needs no gradient, so it runs the recurrence directly rather than
     through `lstm_recurrence`.
     """
-    projected = x @ w_ih_t + bias  # [B, T, 4H]
-    state, hs, _, _ = _lstm_scan(projected.swapaxes(0, 1), w_hh_t, state, packed, keep_gates=False)
+    projected = x @ w_ih_t  # [B, T, 4H]
+    state, hs, _, _ = _lstm_scan(projected.swapaxes(0, 1), w_hh_t, bias, state, packed, False)
     return hs.swapaxes(0, 1), state
 
 
@@ -247,9 +247,10 @@ def lstm_packed_weight(w_hh_t: jax.Array) -> jax.Array | None:
 
 
 @jax.custom_vjp
-def lstm_recurrence(gates_x: jax.Array, w_hh_t: jax.Array) -> jax.Array:
-    """The LSTM's recurrence: input gate pre-activations `[T, B, 4H]`, recurrent weights
-    `[H, 4H]` -> hidden states `[T, B, H]`, from a zero state.
+def lstm_recurrence(gates_x: jax.Array, w_hh_t: jax.Array, bias: jax.Array) -> jax.Array:
+    """The LSTM's recurrence: the input projection `[T, B, 4H]`, recurrent weights `[H, 4H]`
+    and the summed biases `[4H]` -> hidden states `[T, B, H]`, from a zero state. The step's
+    pre-activations are `(gates_x + bias) + h @ w_hh_t`.
 
     Its gradient is written out (`_lstm_recurrence_bwd`) because the one JAX derives from the scan
     adds each step's outer product into the `[H, 4H]` weight gradient inside the loop, a full
@@ -257,12 +258,13 @@ def lstm_recurrence(gates_x: jax.Array, w_hh_t: jax.Array) -> jax.Array:
     LSTMs); here the loop only carries the state, and the weight gradient is one matmul over all
     steps after it.
     """
-    return _lstm_scan(gates_x, w_hh_t, keep_gates=False)[1]
+    return _lstm_scan(gates_x, w_hh_t, bias, training=False)[1]
 
 
-def _lstm_scan(gates_x: jax.Array, w_hh_t: jax.Array, state=None, packed=None, keep_gates=True):
-    """(final (h, c), hidden states, cell states, gate pre-activations or None without
-    `keep_gates`), the last three `[T, B, ...]`, from `state` = (h, c) or zeros.
+def _lstm_scan(gates_x, w_hh_t, bias, state=None, packed=None, training=True):
+    """(final (h, c), hidden states, and with `training` the cell states and gate
+    pre-activations, else None and None), the last three `[T, B, ...]`, from `state` = (h, c) or
+    zeros.
 
     On a CPU, in float32, with the extension compiled, the recurrence is `cpu_lstm`'s custom call
     (2x the scan from batch 4; `benchmarks/RESULTS.md`); elsewhere a `lax.scan`. The two round
@@ -274,17 +276,17 @@ def _lstm_scan(gates_x: jax.Array, w_hh_t: jax.Array, state=None, packed=None, k
         state = (zeros, zeros)
 
     def scan():
-        final, hs, cs, gates = _xla_lstm_scan(gates_x, w_hh_t, state)
-        return final, hs, cs, gates if keep_gates else None
+        final, hs, cs, gates = _xla_lstm_scan(gates_x + bias, w_hh_t, state)
+        return (final, hs, cs, gates) if training else (final, hs, None, None)
 
-    arrays = (gates_x, w_hh_t, *state)
+    arrays = (gates_x, w_hh_t, bias, *state)
     if not cpu_lstm.available or any(a.dtype != jnp.float32 for a in arrays):
         return scan()
 
     def kernel():
         weight = cpu_lstm.pack(w_hh_t) if packed is None else packed
-        hs, cs, gates = cpu_lstm.recurrence(gates_x, weight, state, keep_gates)
-        final = (hs[-1], cs[-1]) if gates_x.shape[0] else state
+        hs, c_last, cs, gates = cpu_lstm.recurrence(gates_x, weight, bias, state, training)
+        final = (hs[-1], c_last) if gates_x.shape[0] else state
         return final, hs, cs, gates
 
     return lax.platform_dependent(cpu=kernel, default=scan)
@@ -321,8 +323,8 @@ def _recurrent_product(batch: int, w_hh_t: jax.Array):
     return lambda h: h @ w_hh_t
 
 
-def _lstm_recurrence_fwd(gates_x, w_hh_t):
-    _, hs, cs, gates = _lstm_scan(gates_x, w_hh_t)
+def _lstm_recurrence_fwd(gates_x, w_hh_t, bias):
+    _, hs, cs, gates = _lstm_scan(gates_x, w_hh_t, bias)
     return hs, (hs, cs, gates, w_hh_t)
 
 
@@ -353,7 +355,7 @@ def _lstm_recurrence_bwd(residuals, d_hs):
 
     _, d_gates = lax.scan(step, (zeros, zeros), (d_hs, cs, c_prev, gates), reverse=True)
     d_w = h_prev.reshape(-1, h_prev.shape[-1]).T @ d_gates.reshape(-1, d_gates.shape[-1])
-    return d_gates, d_w
+    return d_gates, d_w, jnp.sum(d_gates, axis=(0, 1))
 
 
 lstm_recurrence.defvjp(_lstm_recurrence_fwd, _lstm_recurrence_bwd)

@@ -25,16 +25,17 @@ def _problem(rng, steps, batch, hidden, scale=1.0):
     w_hh_t = (rng.standard_normal((hidden, 4 * hidden)) / np.sqrt(hidden)).astype(np.float32)
     h0 = (0.5 * rng.standard_normal((batch, hidden))).astype(np.float32)
     c0 = rng.standard_normal((batch, hidden)).astype(np.float32)
-    return gates_x, w_hh_t, (h0, c0)
+    bias = (0.5 * rng.standard_normal(4 * hidden)).astype(np.float32)
+    return gates_x, w_hh_t, bias, (h0, c0)
 
 
-def _reference(gates_x, w_hh_t, state):
+def _reference(gates_x, w_hh_t, bias, state):
     """The recurrence in float64 NumPy: (hs, cs, gate pre-activations), each `[T, B, ...]`."""
     w = w_hh_t.astype(np.float64)
     h, c = (a.astype(np.float64) for a in state)
     hs, cs, pres = [], [], []
     for gx in gates_x.astype(np.float64):
-        pre = gx + h @ w
+        pre = gx + bias + h @ w
         i, f, g, o = np.split(pre, 4, axis=-1)
         sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
         c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
@@ -47,8 +48,18 @@ def _reference(gates_x, w_hh_t, state):
 
 
 @jax.jit
-def _kernel(gates_x, w_hh_t, state):
-    return cpu_lstm.recurrence(gates_x, cpu_lstm.pack(w_hh_t), state, keep_gates=True)
+def _kernel(gates_x, w_hh_t, bias, state):
+    """The kernel as training runs it: (hs, cs, gate pre-activations), each `[T, B, ...]`."""
+    hs, _, cs, gates = cpu_lstm.recurrence(gates_x, cpu_lstm.pack(w_hh_t), bias, state, True)
+    return hs, cs, gates
+
+
+@jax.jit
+def _inference_kernel(gates_x, w_hh_t, bias, state):
+    """The kernel as inference runs it: (hs, the last cell state)."""
+    hs, c_last, cs, gates = cpu_lstm.recurrence(gates_x, cpu_lstm.pack(w_hh_t), bias, state, False)
+    assert cs is None and gates is None
+    return hs, c_last
 
 
 @pytest.mark.parametrize(
@@ -56,11 +67,9 @@ def _kernel(gates_x, w_hh_t, state):
     [(7, 1, 16), (7, 5, 16), (9, 3, 20), (5, 9, 48), (1, 4, 33), (0, 2, 16)],
 )  # batch 5 and 9: the 4-row blocks and a remainder; hidden 20, 33: padded to 32, 48
 def test_kernel_matches_a_float64_lstm(steps, batch, hidden):
-    gates_x, w_hh_t, state = _problem(
-        np.random.default_rng(steps * 100 + batch), steps, batch, hidden
-    )
-    hs, cs, pre = (np.asarray(a) for a in _kernel(gates_x, w_hh_t, state))
-    want = _reference(gates_x, w_hh_t, state)
+    problem = _problem(np.random.default_rng(steps * 100 + batch), steps, batch, hidden)
+    hs, cs, pre = (np.asarray(a) for a in _kernel(*problem))
+    want = _reference(*problem)
     assert hs.shape == cs.shape == (steps, batch, hidden) and pre.shape == (
         steps,
         batch,
@@ -70,14 +79,18 @@ def test_kernel_matches_a_float64_lstm(steps, batch, hidden):
     # atol 2e-6 on values of order 1 (measured: 4.3e-7).
     for got, expected in zip((hs, cs, pre), want, strict=True):
         np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+    # Inference keeps only the last cell state (two alternating buffers): the same numbers.
+    hs_inference, c_last = _inference_kernel(*problem)
+    np.testing.assert_array_equal(hs_inference, hs)
+    np.testing.assert_array_equal(c_last, cs[-1] if steps else problem[-1][1])
 
 
 def test_kernel_agrees_with_the_scan_it_replaces():
     """512 units, 50 steps: the kernel and `lax.scan` round differently (sum order, sigmoid, tanh),
     so they agree to float32 rounding, not bit for bit."""
-    gates_x, w_hh_t, state = _problem(np.random.default_rng(1), 50, 3, 512)
-    _, hs_scan, cs_scan, _ = jax.jit(ops._xla_lstm_scan)(gates_x, w_hh_t, state)
-    hs, cs, _ = _kernel(gates_x, w_hh_t, state)
+    gates_x, w_hh_t, bias, state = _problem(np.random.default_rng(1), 50, 3, 512)
+    _, hs_scan, cs_scan, _ = jax.jit(ops._xla_lstm_scan)(gates_x + bias, w_hh_t, state)
+    hs, cs, _ = _kernel(gates_x, w_hh_t, bias, state)
     # 512-term sums over 50 steps: atol 1e-5 (measured: 5.1e-7).
     np.testing.assert_allclose(hs, hs_scan, rtol=0, atol=1e-5)
     np.testing.assert_allclose(cs, cs_scan, rtol=0, atol=1e-5)
@@ -87,10 +100,11 @@ def test_a_row_does_not_depend_on_its_batch_or_on_threads():
     """Bit-exact: a row alone (one thread: the helper task is only scheduled for larger steps)
     and the same row inside a batch of 6 (4-row block plus remainder, split between two threads)
     give the same numbers, so codes never depend on how a corpus was batched."""
-    gates_x, w_hh_t, state = _problem(np.random.default_rng(2), 20, 6, 256)
-    hs, cs, pre = _kernel(gates_x, w_hh_t, state)
+    gates_x, w_hh_t, bias, state = _problem(np.random.default_rng(2), 20, 6, 256)
+    hs, cs, pre = _kernel(gates_x, w_hh_t, bias, state)
     for row in range(6):
-        alone = _kernel(gates_x[:, row : row + 1], w_hh_t, tuple(a[row : row + 1] for a in state))
+        one_row = tuple(a[row : row + 1] for a in state)
+        alone = _kernel(gates_x[:, row : row + 1], w_hh_t, bias, one_row)
         for got, batched in zip(alone, (hs, cs, pre), strict=True):
             np.testing.assert_array_equal(got[:, 0], batched[:, row])
 
@@ -98,14 +112,14 @@ def test_a_row_does_not_depend_on_its_batch_or_on_threads():
 def test_saturation_and_nan():
     """Huge pre-activations saturate the gates to exactly 0 or 1 with no NaN; a NaN input stays
     NaN (it is not clamped into a finite value)."""
-    gates_x, w_hh_t, state = _problem(np.random.default_rng(3), 3, 2, 16)
+    gates_x, w_hh_t, bias, state = _problem(np.random.default_rng(3), 3, 2, 16)
     huge = np.sign(gates_x) * np.float32(1e30)
-    hs, cs, _ = (np.asarray(a) for a in _kernel(huge, w_hh_t, state))
+    hs, cs, _ = (np.asarray(a) for a in _kernel(huge, w_hh_t, bias, state))
     assert np.isfinite(hs).all() and np.isfinite(cs).all()
     assert np.all(np.abs(hs) <= 1)
     poisoned = gates_x.copy()
     poisoned[1, 0, 5] = np.nan
-    hs, _, _ = (np.asarray(a) for a in _kernel(poisoned, w_hh_t, state))
+    hs, _, _ = (np.asarray(a) for a in _kernel(poisoned, w_hh_t, bias, state))
     assert np.isnan(hs[1:, 0]).any() and np.isfinite(hs[:, 1]).all() and np.isfinite(hs[0]).all()
 
 
