@@ -6,10 +6,10 @@
 Same random weights in all three, a `[B, T, C]` input of `--steps` frames (500: 10 s at the 50 Hz
 frame rate of the 32 kHz model), both layers including their input projections, 2 threads
 everywhere (torch.set_num_threads, ORT's intra-op threads; XLA uses the machine's 2 cores).
-The three take turns call by call
-(a shared machine's slow minutes then fall on all of them). Prints median seconds per call and
-the largest difference from torch's output. ONNX Runtime is skipped when `onnxruntime` or `onnx`
-does not import (`pip install encodec-jax[benchmarks]`).
+The three take turns (a shared machine's slow minutes then fall on all of them), each warmed up
+in its turn. Prints median seconds per call and the largest difference from torch's output.
+ONNX Runtime is skipped when `onnxruntime` or `onnx` does not import (`pip install
+encodec-jax[benchmarks]`).
 """
 
 from __future__ import annotations
@@ -28,14 +28,15 @@ import numpy as np
 def interleaved_medians(calls: dict, repeats: int, pause: float = 0.3) -> dict:
     """Median seconds per call of each `name: fn` (no arguments), the implementations taking
     turns round by round, so that a slow minute on this shared machine slows all of them rather
-    than whichever ran then. ONNX Runtime's and torch's worker threads spin for a while after a
-    call; the pause keeps them from taking a core from the next implementation timed."""
-    for fn in calls.values():
-        fn()  # compile, warm up
+    than whichever ran then. In its turn each is called once untimed, then timed: the first call
+    after another implementation pays for that one's leftovers (ONNX Runtime's and torch's pool
+    threads spinning down, freed memory paged back in), which `benchmark.py` measured at up to 2x
+    on a whole codec. The pause lets those threads stop."""
     times = {name: [] for name in calls}
     for _ in range(repeats):
         for name, fn in calls.items():
             time.sleep(pause)
+            fn()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
