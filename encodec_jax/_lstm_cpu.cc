@@ -6,16 +6,19 @@
 // projection, where it was one more pass over the [B, T, 4H] pre-activations (6-12 % of a layer
 // at batch 4-16); the two additions round as they did there. XLA's dot packs the [H, 4H] weight
 // on every step (it cannot know the weight is the same each step), so a step moves the weight
-// about three times; here it is packed once by the caller (`w` below, 16 units of all four gates
-// per block, contraction-major) and every step reads it once, in 64-byte rows, applying the cell
-// as soon as a block's four gates are summed.
-// The 16-unit blocks of a step are shared between the calling thread and one task on XLA's
-// intra-op pool, half each, and either takes what the other has not claimed, so a step never
-// waits on a thread that has not started: the caller alone can finish every block.
+// about three times; here it is packed once by the caller (`w` below: blocks of L units of all
+// four gates, contraction-major, L the width of one vector register) and every step reads it
+// once, whole cache lines at a time, applying the cell as soon as a block's four gates are
+// summed.
+// The blocks of a step are shared between the calling thread and one task on XLA's intra-op
+// pool, half each, and either takes what the other has not claimed, so a step never waits on a
+// thread that has not started: the caller alone can finish every block.
 //
-// Every sum runs over k in ascending order, one fused multiply-add per term (the plain x86-64
-// clone, for CPUs without FMA, rounds each product), whatever the batch size, the position of a
-// row in the batch or the number of threads: a row's result depends on nothing else.
+// There is one entry point per instruction set (AVX-512, AVX2 + FMA, and a generic one), each
+// compiled for it and offered only where the CPU has it. Every sum runs over k in ascending
+// order, one fused multiply-add per term (the generic entry point rounds each product unless
+// the compiler targets FMA), whatever the batch size, the position of a row in the batch or the
+// number of threads: a row's result depends on nothing else.
 
 #include <Python.h>
 
@@ -34,20 +37,13 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;  // units per block: one 64-byte vector of float32
 constexpr int kGates = 4;
-constexpr int kRows = 4;  // batch rows summed together: 16 accumulators, 4 weight rows, 1 broadcast
-
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 #define INLINE inline __attribute__((always_inline))
 
 #if defined(__x86_64__)
-#define MULTIVERSION __attribute__((target_clones("avx512f", "arch=haswell", "default")))
 #define CPU_RELAX() __builtin_ia32_pause()
 #else
-#define MULTIVERSION
 #define CPU_RELAX() std::this_thread::yield()
 #endif
 
@@ -63,27 +59,45 @@ void wait_until(F ready) {
   }
 }
 
-INLINE Vec load(const float* p) {
-  Vec v;
+// L float32 lanes: 16 fill an AVX-512 register, 8 an AVX2 one, 4 an SSE or NEON one.
+template <int L>
+struct Lanes {
+  typedef float Vec __attribute__((vector_size(L * sizeof(float))));
+  typedef int32_t IVec __attribute__((vector_size(L * sizeof(int32_t))));
+};
+
+template <typename V>
+INLINE V load(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-INLINE void store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename V>
+INLINE void store(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
 
-INLINE Vec splat(float x) { return Vec{} + x; }
+// x in every lane. (`V{} + x` would add zero first, in a separate instruction: the compiler may
+// not drop it, as it turns -0 into +0.)
+template <typename V>
+INLINE V splat(float x) {
+  typedef int32_t IV __attribute__((vector_size(sizeof(V))));
+  return __builtin_shuffle(V{x}, IV{});  // lane 0 into every lane
+}
 
 // exp(x) for float32: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7
 // (truncation below 5e-9 relative), times 2^n through the exponent bits. Inputs are clamped to
 // [-87, 88] so 2^n stays a normal float; NaN passes through the comparisons unchanged.
-INLINE Vec vexp(Vec x) {
-  x = x > splat(88.0f) ? splat(88.0f) : x;
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+template <typename V, typename IV>
+INLINE V vexp(V x) {
+  x = x > splat<V>(88.0f) ? splat<V>(88.0f) : x;
+  x = x < splat<V>(-87.0f) ? splat<V>(-87.0f) : x;
   // n = round(x / ln 2): adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
-  const Vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   // ln 2 split so n * ln2_hi is exact for |n| < 2^8.
-  const Vec r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  Vec p = splat(1.0f / 5040);
+  const V r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  V p = splat<V>(1.0f / 5040);
   p = p * r + 1.0f / 720;
   p = p * r + 1.0f / 120;
   p = p * r + 1.0f / 24;
@@ -91,21 +105,27 @@ INLINE Vec vexp(Vec x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
-  Vec scale;
+  const IV bits = (__builtin_convertvector(n, IV) + 127) << 23;
+  V scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
 
-INLINE Vec vsigmoid(Vec x) { return 1.0f / (1.0f + vexp(-x)); }
+template <typename V, typename IV>
+INLINE V vsigmoid(V x) {
+  return 1.0f / (1.0f + vexp<V, IV>(-x));
+}
 
 // tanh(x) = 2 sigmoid(2x) - 1: saturates to +-1 exactly, absolute error a few 1e-8.
-INLINE Vec vtanh(Vec x) { return 2.0f * vsigmoid(2.0f * x) - 1.0f; }
+template <typename V, typename IV>
+INLINE V vtanh(V x) {
+  return 2.0f * vsigmoid<V, IV>(2.0f * x) - 1.0f;
+}
 
 // One step, batch-major: row b of each array starts `b * <its stride>` floats after its pointer.
 struct Step {
-  int64_t batch, hidden;  // hidden: padded to a multiple of kLanes
-  const float* w;         // [H / 16, 4, H, 16]
+  int64_t batch, hidden;  // hidden: padded to a multiple of 16
+  const float* w;         // [H / L, 4, H, L]: blocks of L units (L: the kernel's lanes)
   const float* gx;        // this step's input gate pre-activations, [4, H] per row
   const float* bias;      // [4, H]: b_ih + b_hh
   const float* h_prev;    // [H] per row
@@ -117,47 +137,99 @@ struct Step {
   int64_t gates_stride, h_prev_stride, c_prev_stride, h_stride, c_stride;
 };
 
-// Rows [b0, b0 + rows) of one 16-unit block: the four gates' sums, then the cell.
-template <int rows>
+// Rows [b0, b0 + rows) of one block of L units: the four gates' sums, then the cell. The
+// rows x 4 accumulators, the four weight vectors and a broadcast should fit the registers.
+template <int L, int rows>
 INLINE void block_rows(const Step& s, int64_t block, int64_t b0) {
+  typedef typename Lanes<L>::Vec V;
+  typedef typename Lanes<L>::IVec IV;
   const int64_t H = s.hidden;
-  const float* w = s.w + block * kGates * H * kLanes;
-  Vec acc[rows][kGates];
+  const float* w = s.w + block * kGates * H * L;
+  V acc[rows][kGates];
   for (int r = 0; r < rows; ++r)
-    for (int g = 0; g < kGates; ++g) acc[r][g] = Vec{};
+    for (int g = 0; g < kGates; ++g) acc[r][g] = V{};
   for (int64_t k = 0; k < H; ++k) {
-    Vec wk[kGates];
-    for (int g = 0; g < kGates; ++g) wk[g] = load(w + (g * H + k) * kLanes);
+    V wk[kGates];
+    for (int g = 0; g < kGates; ++g) wk[g] = load<V>(w + (g * H + k) * L);
     for (int r = 0; r < rows; ++r) {
-      const Vec hk = splat(s.h_prev[(b0 + r) * s.h_prev_stride + k]);
+      const V hk = splat<V>(s.h_prev[(b0 + r) * s.h_prev_stride + k]);
       for (int g = 0; g < kGates; ++g) acc[r][g] += wk[g] * hk;
     }
   }
-  const int64_t u = block * kLanes;
+  const int64_t u = block * L;
   for (int r = 0; r < rows; ++r) {
     const int64_t b = b0 + r;
-    Vec pre[kGates];
+    V pre[kGates];
     for (int g = 0; g < kGates; ++g) {
-      pre[g] = (load(s.gx + b * s.gates_stride + g * H + u) + load(s.bias + g * H + u)) + acc[r][g];
-      if (s.gates) store(s.gates + b * s.gates_stride + g * H + u, pre[g]);
+      const int64_t at = g * H + u;
+      pre[g] = (load<V>(s.gx + b * s.gates_stride + at) + load<V>(s.bias + at)) + acc[r][g];
+      if (s.gates) store(s.gates + b * s.gates_stride + at, pre[g]);
     }
-    const Vec c_prev = load(s.c_prev + b * s.c_prev_stride + u);
-    const Vec c = vsigmoid(pre[1]) * c_prev + vsigmoid(pre[0]) * vtanh(pre[2]);
+    const V c_prev = load<V>(s.c_prev + b * s.c_prev_stride + u);
+    const V c = vsigmoid<V, IV>(pre[1]) * c_prev + vsigmoid<V, IV>(pre[0]) * vtanh<V, IV>(pre[2]);
     store(s.c + b * s.c_stride + u, c);
-    store(s.h + b * s.h_stride + u, vsigmoid(pre[3]) * vtanh(c));
+    store(s.h + b * s.h_stride + u, vsigmoid<V, IV>(pre[3]) * vtanh<V, IV>(c));
   }
 }
 
-MULTIVERSION void run_block(const Step& s, int64_t block) {
-  int64_t b = 0;
-  for (; b + kRows <= s.batch; b += kRows) block_rows<kRows>(s, block, b);
-  switch (s.batch - b) {
-    case 3: block_rows<3>(s, block, b); break;
-    case 2: block_rows<2>(s, block, b); break;
-    case 1: block_rows<1>(s, block, b); break;
-    default: break;
+// The last `s.batch - b` (< rows) rows of one block, as one tile.
+template <int L, int rows>
+INLINE void rest_rows(const Step& s, int64_t block, int64_t b) {
+  if constexpr (rows > 0) {
+    if (s.batch - b == rows)
+      block_rows<L, rows>(s, block, b);
+    else
+      rest_rows<L, rows - 1>(s, block, b);
   }
 }
+
+// Every row of one block in tiles of `rows`, the rest as one smaller tile; with `no_lone_row`, a
+// rest of one row after full tiles instead turns the last full tile and it into two tiles of
+// (rows + 1) / 2 rows (3 + 1 -> 2 + 2: a lone row is one pass over the block's weights for little
+// work).
+template <int L, int rows, bool no_lone_row>
+INLINE void run_block(const Step& s, int64_t block) {
+  static_assert(!no_lone_row || (rows + 1) % 2 == 0, "the last rows + 1 split in two halves");
+  int64_t b = 0;
+  int64_t full = s.batch / rows;
+  if (no_lone_row && full > 0 && s.batch % rows == 1) {
+    for (; full > 1; --full, b += rows) block_rows<L, rows>(s, block, b);
+    block_rows<L, (rows + 1) / 2>(s, block, b);
+    block_rows<L, (rows + 1) / 2>(s, block, b + (rows + 1) / 2);
+    return;
+  }
+  for (; full > 0; --full, b += rows) block_rows<L, rows>(s, block, b);
+  rest_rows<L, rows - 1>(s, block, b);
+}
+
+typedef void (*BlockFn)(const Step&, int64_t);
+
+// One entry point per instruction set, each with the block width and row tile that fit its
+// registers (measured: benchmarks/RESULTS.md); the extension offers those the running CPU has.
+// All sum in the same order, and the two with FMA give the same bits.
+#if defined(__x86_64__)
+// 32 registers: 4 rows x 4 gates of accumulators.
+struct Avx512 {
+  static constexpr int lanes = 16;
+  __attribute__((target("avx512f,avx2,fma"))) static void run_block(const Step& s, int64_t block) {
+    ::run_block<lanes, 4, false>(s, block);
+  }
+};
+
+// 16 registers: 3 rows x 4 gates of accumulators, the weights read from memory by each FMA.
+// Tiles of 4 rows spill and run slower than 2 + 2 (benchmarks/RESULTS.md).
+struct Avx2 {
+  static constexpr int lanes = 8;
+  __attribute__((target("avx2,fma"))) static void run_block(const Step& s, int64_t block) {
+    ::run_block<lanes, 3, true>(s, block);
+  }
+};
+#endif
+
+struct Generic {
+  static constexpr int lanes = 4;
+  static void run_block(const Step& s, int64_t block) { ::run_block<lanes, 2, false>(s, block); }
+};
 
 // A counter alone on its cache line, so that the two threads' counters do not share one.
 struct alignas(64) Counter {
@@ -185,6 +257,7 @@ struct Shared {
   std::vector<Step> steps;
   std::vector<float> cells;  // two steps' cell states, alternating, when only the last is returned
   int64_t blocks = 0;
+  BlockFn run_block = nullptr;
 };
 
 // Runs blocks of step t until none is left to claim: thread `me`'s own half first, then the other.
@@ -198,7 +271,7 @@ void work_on(Shared& shared, int64_t t, int me) {
     for (;;) {
       const int64_t i = sync.next[owner].value.fetch_add(1, std::memory_order_relaxed);
       if (i >= count) break;
-      run_block(shared.steps[t], start + i);
+      shared.run_block(shared.steps[t], start + i);
       ++finished;
     }
   }
@@ -226,14 +299,15 @@ void helper(const std::shared_ptr<Shared>& shared, std::thread::id caller) {
 // Inputs gx [B, T, 4, H], the packed weight, bias [4, H], h0 and c0 [B, H]. Outputs hs [B, T, H];
 // with `training`, every step's cell state [B, T, H] and summed pre-activations [B, T, 4, H]
 // (the backward pass needs both); without, the last cell state only, [B, 1, H], and no gates.
+template <typename Kernel>
 ffi::Error lstm_recurrence(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::Buffer<ffi::F32> w,
                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> h0,
                            ffi::Buffer<ffi::F32> c0, ffi::ResultBuffer<ffi::F32> hs,
                            ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> gates,
                            bool training) {
   const auto dims = gx.dimensions();  // [B, T, 4, H]
-  if (dims.size() != 4 || dims[2] != kGates || dims[3] % kLanes != 0)
-    return ffi::Error::InvalidArgument("lstm_recurrence: gx must be [B, T, 4, H], H % 16 == 0");
+  if (dims.size() != 4 || dims[2] != kGates || dims[3] % Kernel::lanes != 0)
+    return ffi::Error::InvalidArgument("lstm_recurrence: gx must be [B, T, 4, H], H % lanes == 0");
   const int64_t B = dims[0], T = dims[1], H = dims[3];
   const int64_t cs_steps = training ? T : 1;
   if (w.element_count() != static_cast<size_t>(kGates * H * H) ||
@@ -246,7 +320,8 @@ ffi::Error lstm_recurrence(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::
   if (T == 0 || B == 0) return ffi::Error::Success();
 
   auto shared = std::make_shared<Shared>(T);
-  shared->blocks = H / kLanes;
+  shared->blocks = H / Kernel::lanes;
+  shared->run_block = Kernel::run_block;
   shared->steps.resize(T);
   if (!training) shared->cells.resize(2 * B * H);
   for (int64_t t = 0; t < T; ++t) {
@@ -288,31 +363,69 @@ ffi::Error lstm_recurrence(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmRecurrence, lstm_recurrence,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("training"));
+// One handler per entry point; Python registers those the running CPU supports.
+#define LSTM_HANDLER(name, Kernel)                                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, lstm_recurrence<Kernel>,               \
+                                ffi::Ffi::Bind()                             \
+                                    .Ctx<ffi::ThreadPool>()                  \
+                                    .Arg<ffi::Buffer<ffi::F32>>()            \
+                                    .Arg<ffi::Buffer<ffi::F32>>()            \
+                                    .Arg<ffi::Buffer<ffi::F32>>()            \
+                                    .Arg<ffi::Buffer<ffi::F32>>()            \
+                                    .Arg<ffi::Buffer<ffi::F32>>()            \
+                                    .Ret<ffi::Buffer<ffi::F32>>()            \
+                                    .Ret<ffi::Buffer<ffi::F32>>()            \
+                                    .Ret<ffi::Buffer<ffi::F32>>()            \
+                                    .Attr<bool>("training"));
+
+#if defined(__x86_64__)
+LSTM_HANDLER(LstmRecurrenceAvx512, Avx512)
+LSTM_HANDLER(LstmRecurrenceAvx2, Avx2)
+#endif
+LSTM_HANDLER(LstmRecurrenceGeneric, Generic)
 
 static PyMethodDef no_methods[] = {{nullptr, nullptr, 0, nullptr}};
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_lstm_cpu",
                                  "The LSTM recurrence as an XLA:CPU custom call.", -1, no_methods};
 
+// `kernels`: {name: (FFI handler capsule, lanes)} for the entry points this CPU can run, fastest
+// first; `lanes` is the width of the blocks its packed weight comes in.
 PyMODINIT_FUNC PyInit__lstm_cpu(void) {
+  struct Kernel {
+    const char* name;
+    XLA_FFI_Handler* handler;
+    long lanes;
+    bool supported;
+  };
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  const bool fma = __builtin_cpu_supports("fma");
+  const Kernel all[] = {
+      {"avx512", LstmRecurrenceAvx512, Avx512::lanes, __builtin_cpu_supports("avx512f") && fma},
+      {"avx2", LstmRecurrenceAvx2, Avx2::lanes, __builtin_cpu_supports("avx2") && fma},
+      {"generic", LstmRecurrenceGeneric, Generic::lanes, true},
+  };
+#else
+  const Kernel all[] = {{"generic", LstmRecurrenceGeneric, Generic::lanes, true}};
+#endif
   PyObject* module = PyModule_Create(&module_def);
-  if (module == nullptr) return nullptr;
-  PyObject* capsule = PyCapsule_New(reinterpret_cast<void*>(LstmRecurrence), nullptr, nullptr);
-  if (capsule == nullptr || PyModule_AddObject(module, "lstm_recurrence", capsule) < 0) {
-    Py_XDECREF(capsule);
-    Py_DECREF(module);
+  PyObject* kernels = PyDict_New();
+  if (module == nullptr || kernels == nullptr || PyModule_AddObject(module, "kernels", kernels) < 0) {
+    Py_XDECREF(kernels);
+    Py_XDECREF(module);
     return nullptr;
+  }
+  for (const Kernel& kernel : all) {
+    if (!kernel.supported) continue;
+    PyObject* capsule = PyCapsule_New(reinterpret_cast<void*>(kernel.handler), nullptr, nullptr);
+    PyObject* entry = capsule ? Py_BuildValue("(Ol)", capsule, kernel.lanes) : nullptr;
+    const bool added = entry != nullptr && PyDict_SetItemString(kernels, kernel.name, entry) == 0;
+    Py_XDECREF(entry);
+    Py_XDECREF(capsule);
+    if (!added) {
+      Py_DECREF(module);
+      return nullptr;
+    }
   }
   return module;
 }

@@ -22,28 +22,44 @@ except ImportError:  # not compiled: ops falls back to the scan
     _lstm_cpu = None
 
 TARGET = "encodec_jax_lstm_recurrence"
-LANES = 16  # units per packed block (_lstm_cpu.cc: kLanes)
+PAD_TO = 16  # the hidden size runs padded to a multiple of the widest kernel's blocks
 
-available = _lstm_cpu is not None
-if available:
-    jax.ffi.register_ffi_target(TARGET, _lstm_cpu.lstm_recurrence, platform="cpu")
+# The kernel's entry points this CPU runs, fastest first ("avx512", "avx2", "generic"), each with
+# the width of its blocks of units (one vector register: 16, 8, 4): the extension checks the
+# CPU's instruction sets when it loads. All sum in the same order; the two with fused
+# multiply-adds give the same bits.
+_ENTRY_POINTS: dict = dict(_lstm_cpu.kernels) if _lstm_cpu is not None else {}
+KERNELS: tuple[str, ...] = tuple(_ENTRY_POINTS)
+available = bool(KERNELS)
+for _name, (_handler, _) in _ENTRY_POINTS.items():
+    jax.ffi.register_ffi_target(f"{TARGET}_{_name}", _handler, platform="cpu")
+
+
+def _lanes(kernel: str | None) -> tuple[str, int]:
+    """(the kernel's name, its block width); None: the fastest this CPU runs."""
+    kernel = KERNELS[0] if kernel is None and KERNELS else kernel
+    if kernel not in _ENTRY_POINTS:
+        raise ValueError(f"kernel {kernel!r}: this CPU runs {', '.join(KERNELS) or 'none'}")
+    return kernel, _ENTRY_POINTS[kernel][1]
 
 
 def padded(hidden: int) -> int:
-    """The hidden size the kernel runs at: a multiple of its 16-unit blocks."""
-    return -(-hidden // LANES) * LANES
+    """The hidden size the kernel runs at: a multiple of 16."""
+    return -(-hidden // PAD_TO) * PAD_TO
 
 
-def pack(w_hh_t: jax.Array) -> jax.Array:
-    """The recurrent weight `[H, 4H]` (gate order i, f, g, o) laid out for the kernel:
-    `[H' / 16, 4, H', 16]` (`H'` = `padded(H)`), block `u` holding units `16u .. 16u + 15` of all
-    four gates, contraction-major. Padded units have zero weights, so they stay at zero and add
+def pack(w_hh_t: jax.Array, kernel: str | None = None) -> jax.Array:
+    """The recurrent weight `[H, 4H]` (gate order i, f, g, o) laid out for `kernel` (default:
+    the fastest): `[H' / L, 4, H', L]` (`H'` = `padded(H)`, `L` its block width), block `u`
+    holding units `L u .. L u + L - 1` of all four gates, contraction-major, so one pass over a
+    block reads whole cache lines. Padded units have zero weights, so they stay at zero and add
     nothing to the real units' sums."""
+    _, lanes = _lanes(kernel)
     hidden = w_hh_t.shape[0]
     size = padded(hidden)
     w = w_hh_t.reshape(hidden, 4, hidden)  # [k, gate, unit]
     w = jnp.pad(w, ((0, size - hidden), (0, 0), (0, size - hidden)))
-    return w.reshape(size, 4, size // LANES, LANES).transpose(2, 1, 0, 3)
+    return w.reshape(size, 4, size // lanes, lanes).transpose(2, 1, 0, 3)
 
 
 def recurrence(
@@ -52,16 +68,18 @@ def recurrence(
     bias: jax.Array,
     state: tuple[jax.Array, jax.Array],
     training: bool,
+    kernel: str | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
     """(hidden states `[T, B, H]`, last cell state `[B, H]`, every cell state `[T, B, H]`, summed
     gate pre-activations `[T, B, 4H]`) from the input projection `gates_x` `[T, B, 4H]` without
     its bias, the `pack`ed weight, the summed biases `bias` `[4H]` and the initial `state` (h, c)
     `[B, H]`. The last two results, which only the backward pass needs, are None unless
-    `training`. float32 only.
+    `training`. float32 only. `kernel` names one of `KERNELS` (default: the fastest).
 
     The kernel works batch-major; the time-major arrays are transposed on the way in and out,
     and where the caller's own arrays are batch-major (`ops.lstm_layer`) XLA cancels the two
     transposes, so nothing is copied."""
+    kernel, lanes = _lanes(kernel)
     steps, batch, four_h = gates_x.shape
     hidden = four_h // 4
     h0, c0 = state
@@ -69,6 +87,11 @@ def recurrence(
         empty = jnp.zeros((0, batch, hidden), jnp.float32)
         return empty, c0, (empty if training else None), (gates_x if training else None)
     size = padded(hidden)
+    if packed.shape != (size // lanes, 4, size, lanes):
+        raise ValueError(
+            f"packed weight of shape {packed.shape}: the {kernel!r} kernel takes "
+            f"{(size // lanes, 4, size, lanes)}, from pack(w_hh_t, {kernel!r})"
+        )
     pad = size - hidden
     gx = gates_x.swapaxes(0, 1).reshape(batch, steps, 4, hidden)
     bias = bias.reshape(4, hidden)
@@ -83,7 +106,7 @@ def recurrence(
         jax.ShapeDtypeStruct((batch, steps, 4, size) if training else (0,), f32),
     )
     # vmap: one call per mapped element, each the same arithmetic as an unmapped call.
-    call = jax.ffi.ffi_call(TARGET, out_types, vmap_method="sequential")
+    call = jax.ffi.ffi_call(f"{TARGET}_{kernel}", out_types, vmap_method="sequential")
     hs, cs, gates = call(gx, packed, bias, h0, c0, training=training)
     hs = hs[..., :hidden].swapaxes(0, 1)
     cs = cs[..., :hidden].swapaxes(0, 1)

@@ -4,6 +4,8 @@ padding, saturation, NaN) and its use through jit, vmap, grad and streaming."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,28 +49,48 @@ def _reference(gates_x, w_hh_t, bias, state):
     return np.array(hs), np.array(cs), np.array(pres)
 
 
-@jax.jit
-def _kernel(gates_x, w_hh_t, bias, state):
+@functools.partial(jax.jit, static_argnames="kernel")
+def _kernel(gates_x, w_hh_t, bias, state, kernel=None):
     """The kernel as training runs it: (hs, cs, gate pre-activations), each `[T, B, ...]`."""
-    hs, _, cs, gates = cpu_lstm.recurrence(gates_x, cpu_lstm.pack(w_hh_t), bias, state, True)
+    packed = cpu_lstm.pack(w_hh_t, kernel)
+    hs, _, cs, gates = cpu_lstm.recurrence(gates_x, packed, bias, state, True, kernel)
     return hs, cs, gates
 
 
-@jax.jit
-def _inference_kernel(gates_x, w_hh_t, bias, state):
+@functools.partial(jax.jit, static_argnames="kernel")
+def _inference_kernel(gates_x, w_hh_t, bias, state, kernel=None):
     """The kernel as inference runs it: (hs, the last cell state)."""
-    hs, c_last, cs, gates = cpu_lstm.recurrence(gates_x, cpu_lstm.pack(w_hh_t), bias, state, False)
+    packed = cpu_lstm.pack(w_hh_t, kernel)
+    hs, c_last, cs, gates = cpu_lstm.recurrence(gates_x, packed, bias, state, False, kernel)
     assert cs is None and gates is None
     return hs, c_last
 
 
+def test_the_cpu_picks_its_kernels():
+    """The extension offers the entry points this CPU runs, fastest first, the generic one always;
+    asking for one it cannot run is an error that names those it can."""
+    assert cpu_lstm.KERNELS[-1] == "generic"
+    assert set(cpu_lstm.KERNELS) <= {"avx512", "avx2", "generic"}
+    problem = _problem(np.random.default_rng(0), 2, 1, 16)
+    with pytest.raises(ValueError, match="this CPU runs .*generic"):
+        _kernel(*problem, kernel="sve")
+    # Each kernel's packed weight has its own block width; another's is refused, not misread.
+    gates_x, w_hh_t, bias, state = _problem(np.random.default_rng(0), 2, 1, 32)
+    for packed_for, kernel in zip(cpu_lstm.KERNELS, cpu_lstm.KERNELS[1:]):
+        packed = cpu_lstm.pack(w_hh_t, packed_for)
+        with pytest.raises(ValueError, match=f"the '{kernel}' kernel takes"):
+            cpu_lstm.recurrence(gates_x, packed, bias, state, False, kernel)
+
+
+@pytest.mark.parametrize("kernel", cpu_lstm.KERNELS)
 @pytest.mark.parametrize(
     "steps, batch, hidden",
-    [(7, 1, 16), (7, 5, 16), (9, 3, 20), (5, 9, 48), (1, 4, 33), (0, 2, 16)],
-)  # batch 5 and 9: the 4-row blocks and a remainder; hidden 20, 33: padded to 32, 48
-def test_kernel_matches_a_float64_lstm(steps, batch, hidden):
+    [(7, 1, 16), (7, 5, 16), (9, 3, 20), (5, 9, 48), (1, 4, 33), (6, 7, 16), (0, 2, 16)],
+)  # every register tile and remainder of 3- and 4-row tiles (batch 4, 5, 7: a widened last
+# tile, 9); hidden 20, 33: padded to 32, 48
+def test_kernel_matches_a_float64_lstm(steps, batch, hidden, kernel):
     problem = _problem(np.random.default_rng(steps * 100 + batch), steps, batch, hidden)
-    hs, cs, pre = (np.asarray(a) for a in _kernel(*problem))
+    hs, cs, pre = (np.asarray(a) for a in _kernel(*problem, kernel=kernel))
     want = _reference(*problem)
     assert hs.shape == cs.shape == (steps, batch, hidden) and pre.shape == (
         steps,
@@ -80,7 +102,7 @@ def test_kernel_matches_a_float64_lstm(steps, batch, hidden):
     for got, expected in zip((hs, cs, pre), want, strict=True):
         np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
     # Inference keeps only the last cell state (two alternating buffers): the same numbers.
-    hs_inference, c_last = _inference_kernel(*problem)
+    hs_inference, c_last = _inference_kernel(*problem, kernel=kernel)
     np.testing.assert_array_equal(hs_inference, hs)
     np.testing.assert_array_equal(c_last, cs[-1] if steps else problem[-1][1])
 
@@ -96,15 +118,17 @@ def test_kernel_agrees_with_the_scan_it_replaces():
     np.testing.assert_allclose(cs, cs_scan, rtol=0, atol=1e-5)
 
 
-def test_a_row_does_not_depend_on_its_batch_or_on_threads():
+@pytest.mark.parametrize("kernel", cpu_lstm.KERNELS)
+def test_a_row_does_not_depend_on_its_batch_or_on_threads(kernel):
     """Bit-exact: a row alone (one thread: the helper task is only scheduled for larger steps)
-    and the same row inside a batch of 6 (4-row block plus remainder, split between two threads)
-    give the same numbers, so codes never depend on how a corpus was batched."""
-    gates_x, w_hh_t, bias, state = _problem(np.random.default_rng(2), 20, 6, 256)
-    hs, cs, pre = _kernel(gates_x, w_hh_t, bias, state)
-    for row in range(6):
+    and the same row inside a batch of 7 (register tiles of 4 + 3, or 3 + 4, or 2 + 2 + 2 + 1,
+    split between two threads) give the same numbers, so codes never depend on how a corpus was
+    batched."""
+    gates_x, w_hh_t, bias, state = _problem(np.random.default_rng(2), 20, 7, 256)
+    hs, cs, pre = _kernel(gates_x, w_hh_t, bias, state, kernel=kernel)
+    for row in range(7):
         one_row = tuple(a[row : row + 1] for a in state)
-        alone = _kernel(gates_x[:, row : row + 1], w_hh_t, bias, one_row)
+        alone = _kernel(gates_x[:, row : row + 1], w_hh_t, bias, one_row, kernel=kernel)
         for got, batched in zip(alone, (hs, cs, pre), strict=True):
             np.testing.assert_array_equal(got[:, 0], batched[:, row])
 
