@@ -389,13 +389,15 @@ def main() -> None:
                 flush=True,
             )
         return
+    from encodec_jax import cpu_lstm
+
     rate = matmul_rate()
     device = jax.devices()[0]
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"jax {jax.__version__} on {device.platform} ({device.device_kind}), torch "
         f"{torch.__version__} with {torch.get_num_threads()} threads; float32 matmul rate "
-        f"{rate / 1e9:.1f} GFLOP/s"
+        f"{rate / 1e9:.1f} GFLOP/s; LSTM kernel {(cpu_lstm.KERNELS or ('none',))[0]}"
     )
     header = (
         f"{'model':7} {'batch':10} {'enc xRT':>8} {'vs HF':>6} {'dec xRT':>8} {'vs HF':>6} "

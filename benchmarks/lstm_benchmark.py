@@ -78,9 +78,10 @@ def main() -> None:
     import jax.numpy as jnp
     import torch
 
-    from encodec_jax import ops
+    from encodec_jax import cpu_lstm, ops
 
     torch.set_num_threads(2)
+    print(f"LSTM kernel: {cpu_lstm.KERNELS[0] if cpu_lstm.KERNELS else 'none (lax.scan)'}")
 
     @jax.jit
     def ours(x, params):

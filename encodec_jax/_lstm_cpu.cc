@@ -151,6 +151,13 @@ INLINE void block_rows(const Step& s, int64_t block, int64_t b0) {
   for (int64_t k = 0; k < H; ++k) {
     V wk[kGates];
     for (int g = 0; g < kGates; ++g) wk[g] = load<V>(w + (g * H + k) * L);
+#if defined(__x86_64__)
+    // AVX2's 3-row tiles: three of the weight vectors stay in registers (12 accumulators, 3
+    // weights and the broadcast fill all 16). Left alone, GCC folds the weight loads into every
+    // row's FMA, 12 loads for 12 FMAs per k, more than the load ports serve (11 % at batch 16).
+    if constexpr (L == 8 && rows == 3)
+      for (int g = 0; g < 3; ++g) __asm__("" : "+x"(wk[g]));
+#endif
     for (int r = 0; r < rows; ++r) {
       const V hk = splat<V>(s.h_prev[(b0 + r) * s.h_prev_stride + k]);
       for (int g = 0; g < kGates; ++g) acc[r][g] += wk[g] * hk;

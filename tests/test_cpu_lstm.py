@@ -5,6 +5,7 @@ padding, saturation, NaN) and its use through jit, vmap, grad and streaming."""
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +77,7 @@ def test_the_cpu_picks_its_kernels():
         _kernel(*problem, kernel="sve")
     # Each kernel's packed weight has its own block width; another's is refused, not misread.
     gates_x, w_hh_t, bias, state = _problem(np.random.default_rng(0), 2, 1, 32)
-    for packed_for, kernel in zip(cpu_lstm.KERNELS, cpu_lstm.KERNELS[1:]):
+    for packed_for, kernel in itertools.pairwise(cpu_lstm.KERNELS):
         packed = cpu_lstm.pack(w_hh_t, packed_for)
         with pytest.raises(ValueError, match=f"the '{kernel}' kernel takes"):
             cpu_lstm.recurrence(gates_x, packed, bias, state, False, kernel)
