@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+_REUSE_FREED_MEMORY = False  # --reuse-freed-memory took effect
+
 PRESET_NAMES = {"24khz": "ENCODEC_24KHZ", "32khz": "ENCODEC_32KHZ", "48khz": "ENCODEC_48KHZ"}
 
 
@@ -219,8 +221,9 @@ def encoder_flops(model, x: np.ndarray) -> float:
 def peak_memory(impl: str, name: str, batch: int, seconds: float, directory: str) -> float:
     """Peak resident memory (GiB) of one encode + decode in a fresh child process."""
     here = str(Path(__file__).parent)
+    reuse = "import encodec_jax; encodec_jax.reuse_freed_memory(); " if _REUSE_FREED_MEMORY else ""
     code = (
-        f"import sys; sys.path.insert(0, {here!r}); import benchmark as b; "
+        f"{reuse}import sys; sys.path.insert(0, {here!r}); import benchmark as b; "
         f"b._memory_child({impl!r}, {name!r}, {batch}, {seconds!r}, {directory!r}); "
         "print(b.peak_rss_kib())"
     )
@@ -364,7 +367,18 @@ def main() -> None:
     parser.add_argument(
         "--memory-only", action="store_true", help="only the peak memory of each implementation"
     )
+    parser.add_argument(
+        "--reuse-freed-memory",
+        action="store_true",
+        help="the whole process (all three implementations, and the memory children) runs with "
+        "encodec_jax.reuse_freed_memory(), as the encodec-jax command does",
+    )
     args = parser.parse_args()
+    if args.reuse_freed_memory:
+        global _REUSE_FREED_MEMORY
+        from encodec_jax import memory
+
+        _REUSE_FREED_MEMORY = memory.reuse_freed_memory()  # before JAX's first computation
 
     import jax
     import torch

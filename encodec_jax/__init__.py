@@ -9,6 +9,7 @@ from .config import (
     EncodecConfig,
     RuntimeSettings,
 )
+from .memory import reuse_freed_memory
 from .model import EncodecDecoderOutput, EncodecEncoderOutput, EncodecModel, EncodecOutput
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "EncodecOutput",
     "RuntimeSettings",
     "enable_compilation_cache",
+    "reuse_freed_memory",
 ]
 
 

@@ -724,7 +724,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_hub_logging()
     from .compilation import enable_compilation_cache
+    from .memory import JaxAlreadyRunningError, reuse_freed_memory
 
+    try:
+        reuse_freed_memory()  # large CPU buffers stay mapped from one call to the next
+    except JaxAlreadyRunningError:
+        pass  # main() called in a process whose JAX already runs (tests, notebooks): left as is
     enable_compilation_cache()  # every later run of a command starts with compiled programs
     try:
         return args.run(args)
