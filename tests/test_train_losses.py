@@ -106,8 +106,12 @@ FLOAT32_TOL = {
     "mrstft": (1e-5, 3e-3),
 }
 # Ours in float32 against the float64 result: no worse than 1.5 x audiocraft's float32 error,
-# or than these floors (value, gradient), a few float32 roundings of a mean.
+# or than these floors (value, gradient), a few float32 roundings of a mean. SI-SNR's value is
+# 10 log10 of a ratio of sums over 240,000 samples: a relative rounding d of a sum is 4.3 d dB,
+# and XLA's reduction order depends on the CPU's vector width, so its floor is 5e-5 dB
+# (measured on unrelated noise: 3.9e-5 on an AVX2 CPU, audiocraft 1.8e-5).
 FLOAT32_FLOOR = (2e-6, 1e-5)
+FLOAT32_FLOOR_FOR = {"sisnr": (5e-5, 1e-5)}
 CASES = list(signal_pairs())
 
 
@@ -157,9 +161,10 @@ def test_loss_matches_audiocraft(references, name, case):
     value_tol, grad_tol = FLOAT32_TOL[name]
     assert_close(value, ref_value, value_tol, f"{name} {case} float32 value")
     assert_close(grad, ref_grad, grad_tol, f"{name} {case} float32 grad")
+    value_floor, grad_floor = FLOAT32_FLOOR_FOR.get(name, FLOAT32_FLOOR)
     for ours, ref, exact, floor, what in [
-        (value, ref_value, exact_value, FLOAT32_FLOOR[0], "value"),
-        (grad, ref_grad, exact_grad, FLOAT32_FLOOR[1], "grad"),
+        (value, ref_value, exact_value, value_floor, "value"),
+        (grad, ref_grad, exact_grad, grad_floor, "grad"),
     ]:
         ours_err, ref_err = errors(ours, exact)[1], errors(ref, exact)[1]
         print(f"  float32 {what} vs float64: ours {ours_err:.1e}, audiocraft {ref_err:.1e}")
