@@ -223,7 +223,7 @@ struct Avx512 {
   }
 };
 
-// 16 registers: 3 rows x 4 gates of accumulators, the weights read from memory by each FMA.
+// 16 registers: 3 rows x 4 gates of accumulators, 3 weight vectors (block_rows) and a broadcast.
 // Tiles of 4 rows spill and run slower than 2 + 2 (benchmarks/RESULTS.md).
 struct Avx2 {
   static constexpr int lanes = 8;
