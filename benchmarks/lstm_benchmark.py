@@ -1,7 +1,7 @@
 """The 2-layer LSTM alone: encodec-jax against ONNX Runtime's LSTM kernel and torch's `nn.LSTM`.
 
     python benchmarks/lstm_benchmark.py [--hidden 512 1024] [--batch 1 4 8 16] [--steps 500]
-        [--repeats 5]
+        [--repeats 5] [--reuse-freed-memory]
 
 Same random weights in all three, a `[B, T, C]` input of `--steps` frames (500: 10 s at the 50 Hz
 frame rate of the 32 kHz model), both layers including their input projections, 2 threads
@@ -72,7 +72,16 @@ def main() -> None:
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 4, 8, 16])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--reuse-freed-memory",
+        action="store_true",
+        help="run with encodec_jax.reuse_freed_memory(), as the encodec-jax command does",
+    )
     args = parser.parse_args()
+    if args.reuse_freed_memory:
+        from encodec_jax import memory
+
+        memory.reuse_freed_memory()  # before JAX's first computation
 
     import jax
     import jax.numpy as jnp

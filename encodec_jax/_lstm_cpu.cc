@@ -6,10 +6,10 @@
 // projection, where it was one more pass over the [B, T, 4H] pre-activations (6-12 % of a layer
 // at batch 4-16); the two additions round as they did there. XLA's dot packs the [H, 4H] weight
 // on every step (it cannot know the weight is the same each step), so a step moves the weight
-// about three times; here it is packed once by the caller (`w` below: blocks of L units of all
-// four gates, contraction-major, L the width of one vector register) and every step reads it
-// once, whole cache lines at a time, applying the cell as soon as a block's four gates are
-// summed.
+// about three times; here it is packed once by the caller (`w` below: blocks of L units, L the
+// width of one vector register, each two pairs of gates, contraction-major) and every step reads
+// it once per tile of rows, whole cache lines at a time, applying the cell as soon as a block's
+// four gates are summed.
 // The blocks of a step are shared between the calling thread and one task on XLA's intra-op
 // pool, half each, and either takes what the other has not claimed, so a step never waits on a
 // thread that has not started: the caller alone can finish every block.
@@ -125,7 +125,8 @@ INLINE V vtanh(V x) {
 // One step, batch-major: row b of each array starts `b * <its stride>` floats after its pointer.
 struct Step {
   int64_t batch, hidden;  // hidden: padded to a multiple of 16
-  const float* w;         // [H / L, 4, H, L]: blocks of L units (L: the kernel's lanes)
+  const float* w;         // [H / L, 2, H, 2, L]: blocks of L units (L: the kernel's lanes),
+                          // each two pairs of gates (i, f and g, o), contraction-major
   const float* gx;        // this step's input gate pre-activations, [4, H] per row
   const float* bias;      // [4, H]: b_ih + b_hh
   const float* h_prev;    // [H] per row
@@ -137,31 +138,45 @@ struct Step {
   int64_t gates_stride, h_prev_stride, c_prev_stride, h_stride, c_stride;
 };
 
-// Rows [b0, b0 + rows) of one block of L units: the four gates' sums, then the cell. The
-// rows x 4 accumulators, the four weight vectors and a broadcast should fit the registers.
-template <int L, int rows>
+// Rows [b0, b0 + rows) of one block of L units: the four gates' sums, `G` gates (2 or 4) per
+// pass over the block's weights, the sums of earlier passes kept until the last is done, then
+// the cell. A tile's rows x G accumulators, its G weight vectors and a broadcast should fit the
+// registers, and rows x G should be at least 8: a fused multiply-add takes 4 cycles and two
+// issue per cycle, so fewer independent sums leave the FMA units idle.
+template <int L, int rows, int G>
 INLINE void block_rows(const Step& s, int64_t block, int64_t b0) {
   typedef typename Lanes<L>::Vec V;
   typedef typename Lanes<L>::IVec IV;
+  static_assert(G == 2 || G == 4, "a pass sums one pair of gates or both");
   const int64_t H = s.hidden;
-  const float* w = s.w + block * kGates * H * L;
-  V acc[rows][kGates];
-  for (int r = 0; r < rows; ++r)
-    for (int g = 0; g < kGates; ++g) acc[r][g] = V{};
-  for (int64_t k = 0; k < H; ++k) {
-    V wk[kGates];
-    for (int g = 0; g < kGates; ++g) wk[g] = load<V>(w + (g * H + k) * L);
+  const float* w = s.w + block * 2 * H * 2 * L;  // [pair, k, gate in pair, L]
+  V sums[kGates][rows];
+  for (int pass = 0; pass < kGates / G; ++pass) {
+    V acc[G][rows];
+    for (int g = 0; g < G; ++g)
+      for (int r = 0; r < rows; ++r) acc[g][r] = V{};
+    for (int64_t k = 0; k < H; ++k) {
+      V wk[G];
+      for (int g = 0; g < G; ++g) {
+        const int gate = pass * G + g;
+        wk[g] = load<V>(w + ((gate / 2) * H + k) * 2 * L + (gate % 2) * L);
+      }
 #if defined(__x86_64__)
-    // AVX2's 3-row tiles: three of the weight vectors stay in registers (12 accumulators, 3
-    // weights and the broadcast fill all 16). Left alone, GCC folds the weight loads into every
-    // row's FMA, 12 loads for 12 FMAs per k, more than the load ports serve (11 % at batch 16).
-    if constexpr (L == 8 && rows == 3)
-      for (int g = 0; g < 3; ++g) __asm__("" : "+x"(wk[g]));
+      // Keep the weight vectors in registers, as many as fit beside the accumulators and the
+      // broadcast (16 registers below AVX-512, 32 with it). Left alone, GCC folds their loads
+      // into every row's multiply-add, one load per FMA, more than the load ports serve (11 %
+      // at 3 rows x 4 gates).
+      constexpr int registers = L == 16 ? 32 : 16;
+      constexpr int pinned = std::min(G, registers - rows * G - 1);
+      for (int g = 0; g < pinned; ++g) __asm__("" : "+x"(wk[g]));
 #endif
-    for (int r = 0; r < rows; ++r) {
-      const V hk = splat<V>(s.h_prev[(b0 + r) * s.h_prev_stride + k]);
-      for (int g = 0; g < kGates; ++g) acc[r][g] += wk[g] * hk;
+      for (int r = 0; r < rows; ++r) {
+        const V hk = splat<V>(s.h_prev[(b0 + r) * s.h_prev_stride + k]);
+        for (int g = 0; g < G; ++g) acc[g][r] += wk[g] * hk;
+      }
     }
+    for (int g = 0; g < G; ++g)
+      for (int r = 0; r < rows; ++r) sums[pass * G + g][r] = acc[g][r];
   }
   const int64_t u = block * L;
   for (int r = 0; r < rows; ++r) {
@@ -169,7 +184,7 @@ INLINE void block_rows(const Step& s, int64_t block, int64_t b0) {
     V pre[kGates];
     for (int g = 0; g < kGates; ++g) {
       const int64_t at = g * H + u;
-      pre[g] = (load<V>(s.gx + b * s.gates_stride + at) + load<V>(s.bias + at)) + acc[r][g];
+      pre[g] = (load<V>(s.gx + b * s.gates_stride + at) + load<V>(s.bias + at)) + sums[g][r];
       if (s.gates) store(s.gates + b * s.gates_stride + at, pre[g]);
     }
     const V c_prev = load<V>(s.c_prev + b * s.c_prev_stride + u);
@@ -179,63 +194,60 @@ INLINE void block_rows(const Step& s, int64_t block, int64_t b0) {
   }
 }
 
-// The last `s.batch - b` (< rows) rows of one block, as one tile.
-template <int L, int rows>
-INLINE void rest_rows(const Step& s, int64_t block, int64_t b) {
-  if constexpr (rows > 0) {
-    if (s.batch - b == rows)
-      block_rows<L, rows>(s, block, b);
+// One tile of `rows` rows, 1 <= rows <= max_rows, as the instance compiled for that many: up to
+// 3 rows, all four gates in one pass (3 rows x 2 gates would be only 6 independent sums), from 4
+// rows, a pair of gates per pass.
+template <int L, int max_rows>
+INLINE void tile(const Step& s, int64_t block, int64_t b0, int64_t rows) {
+  if constexpr (max_rows > 0) {
+    if (rows == max_rows)
+      block_rows<L, max_rows, (max_rows <= 3 ? 4 : 2)>(s, block, b0);
     else
-      rest_rows<L, rows - 1>(s, block, b);
+      tile<L, max_rows - 1>(s, block, b0, rows);
   }
 }
 
-// Every row of one block in tiles of `rows`, the rest as one smaller tile; with `no_lone_row`, a
-// rest of one row after full tiles instead turns the last full tile and it into two tiles of
-// (rows + 1) / 2 rows (3 + 1 -> 2 + 2: a lone row is one pass over the block's weights for little
-// work).
-template <int L, int rows, bool no_lone_row>
+// Every row of one block, in as few tiles of at most `max_rows` as there can be, their sizes as
+// even as they can be (16 rows in tiles of 6: 6 + 5 + 5): every tile is one pass over the
+// block's weights, and a small tile does little work for its pass.
+template <int L, int max_rows>
 INLINE void run_block(const Step& s, int64_t block) {
-  static_assert(!no_lone_row || (rows + 1) % 2 == 0, "the last rows + 1 split in two halves");
-  int64_t b = 0;
-  int64_t full = s.batch / rows;
-  if (no_lone_row && full > 0 && s.batch % rows == 1) {
-    for (; full > 1; --full, b += rows) block_rows<L, rows>(s, block, b);
-    block_rows<L, (rows + 1) / 2>(s, block, b);
-    block_rows<L, (rows + 1) / 2>(s, block, b + (rows + 1) / 2);
-    return;
+  const int64_t tiles = (s.batch + max_rows - 1) / max_rows;
+  for (int64_t i = 0, b = 0; i < tiles; ++i) {
+    const int64_t rows = s.batch / tiles + (i < s.batch % tiles);
+    tile<L, max_rows>(s, block, b, rows);
+    b += rows;
   }
-  for (; full > 0; --full, b += rows) block_rows<L, rows>(s, block, b);
-  rest_rows<L, rows - 1>(s, block, b);
 }
 
 typedef void (*BlockFn)(const Step&, int64_t);
 
-// One entry point per instruction set, each with the block width and row tile that fit its
-// registers (measured: benchmarks/RESULTS.md); the extension offers those the running CPU has.
-// All sum in the same order, and the two with FMA give the same bits.
+// One entry point per instruction set, each with the block width and largest row tile that fit
+// its registers (measured: benchmarks/RESULTS.md); the extension offers those the running CPU
+// has. All sum in the same order, and the two with FMA give the same bits.
 #if defined(__x86_64__)
-// 32 registers: 4 rows x 4 gates of accumulators.
+// 32 registers: tiles of up to 8 rows (16 accumulators), so batch 8 is one pass, 16 two.
 struct Avx512 {
   static constexpr int lanes = 16;
   __attribute__((target("avx512f,avx2,fma"))) static void run_block(const Step& s, int64_t block) {
-    ::run_block<lanes, 4, false>(s, block);
+    ::run_block<lanes, 8>(s, block);
   }
 };
 
-// 16 registers: 3 rows x 4 gates of accumulators, 3 weight vectors (block_rows) and a broadcast.
-// Tiles of 4 rows spill and run slower than 2 + 2 (benchmarks/RESULTS.md).
+// 16 registers: 6 rows x 2 gates of accumulators, 2 weight vectors and a broadcast.
 struct Avx2 {
   static constexpr int lanes = 8;
   __attribute__((target("avx2,fma"))) static void run_block(const Step& s, int64_t block) {
-    ::run_block<lanes, 3, true>(s, block);
+    ::run_block<lanes, 6>(s, block);
   }
 };
 #endif
 
+// Tiles of 2 rows x 4 gates: under SSE2 (no FMA: a product needs a register and an addition of
+// its own) tiles of 4 rows x 2 gates ran 9-17 % slower at 1024 units.
 struct Generic {
   static constexpr int lanes = 4;
-  static void run_block(const Step& s, int64_t block) { ::run_block<lanes, 2, false>(s, block); }
+  static void run_block(const Step& s, int64_t block) { ::run_block<lanes, 2>(s, block); }
 };
 
 // A counter alone on its cache line, so that the two threads' counters do not share one.

@@ -50,16 +50,18 @@ def padded(hidden: int) -> int:
 
 def pack(w_hh_t: jax.Array, kernel: str | None = None) -> jax.Array:
     """The recurrent weight `[H, 4H]` (gate order i, f, g, o) laid out for `kernel` (default:
-    the fastest): `[H' / L, 4, H', L]` (`H'` = `padded(H)`, `L` its block width), block `u`
-    holding units `L u .. L u + L - 1` of all four gates, contraction-major, so one pass over a
-    block reads whole cache lines. Padded units have zero weights, so they stay at zero and add
-    nothing to the real units' sums."""
+    the fastest): `[H' / L, 2, H', 2, L]` (`H'` = `padded(H)`, `L` its block width), block `u`
+    holding units `L u .. L u + L - 1` as two pairs of gates (i, f and g, o), each
+    contraction-major with the pair's two gates side by side, so the kernel's pass over a pair
+    reads one stream of whole cache lines. Padded units have zero weights, so they stay at zero
+    and add nothing to the real units' sums."""
     _, lanes = _lanes(kernel)
     hidden = w_hh_t.shape[0]
     size = padded(hidden)
     w = w_hh_t.reshape(hidden, 4, hidden)  # [k, gate, unit]
     w = jnp.pad(w, ((0, size - hidden), (0, 0), (0, size - hidden)))
-    return w.reshape(size, 4, size // lanes, lanes).transpose(2, 1, 0, 3)
+    w = w.reshape(size, 2, 2, size // lanes, lanes)  # [k, pair, gate in pair, block, lane]
+    return w.transpose(3, 1, 0, 2, 4)
 
 
 def recurrence(
@@ -87,10 +89,11 @@ def recurrence(
         empty = jnp.zeros((0, batch, hidden), jnp.float32)
         return empty, c0, (empty if training else None), (gates_x if training else None)
     size = padded(hidden)
-    if packed.shape != (size // lanes, 4, size, lanes):
+    expected = (size // lanes, 2, size, 2, lanes)
+    if packed.shape != expected:
         raise ValueError(
             f"packed weight of shape {packed.shape}: the {kernel!r} kernel takes "
-            f"{(size // lanes, 4, size, lanes)}, from pack(w_hh_t, {kernel!r})"
+            f"{expected}, from pack(w_hh_t, {kernel!r})"
         )
     pad = size - hidden
     gx = gates_x.swapaxes(0, 1).reshape(batch, steps, 4, hidden)

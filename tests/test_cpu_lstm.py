@@ -86,9 +86,23 @@ def test_the_cpu_picks_its_kernels():
 @pytest.mark.parametrize("kernel", cpu_lstm.KERNELS)
 @pytest.mark.parametrize(
     "steps, batch, hidden",
-    [(7, 1, 16), (7, 5, 16), (9, 3, 20), (5, 9, 48), (1, 4, 33), (6, 7, 16), (0, 2, 16)],
-)  # every register tile and remainder of 3- and 4-row tiles (batch 4, 5, 7: a widened last
-# tile, 9); hidden 20, 33: padded to 32, 48
+    [
+        (7, 1, 16),
+        (7, 2, 16),
+        (9, 3, 20),
+        (1, 4, 33),
+        (7, 5, 16),
+        (5, 6, 48),
+        (6, 7, 16),
+        (5, 8, 16),
+        (5, 9, 48),
+        (3, 16, 16),
+        (3, 17, 20),
+        (0, 2, 16),
+    ],
+)  # every register tile of 1-8 rows (all four gates per pass up to 3 rows, a pair from 4) and
+# batches split into several (AVX2: 7 = 4 + 3, 9 = 5 + 4, 16 = 6 + 5 + 5, 17 = 6 + 6 + 5);
+# hidden 20, 33: padded to 32, 48
 def test_kernel_matches_a_float64_lstm(steps, batch, hidden, kernel):
     problem = _problem(np.random.default_rng(steps * 100 + batch), steps, batch, hidden)
     hs, cs, pre = (np.asarray(a) for a in _kernel(*problem, kernel=kernel))
@@ -122,7 +136,7 @@ def test_kernel_agrees_with_the_scan_it_replaces():
 @pytest.mark.parametrize("kernel", cpu_lstm.KERNELS)
 def test_a_row_does_not_depend_on_its_batch_or_on_threads(kernel):
     """Bit-exact: a row alone (one thread: the helper task is only scheduled for larger steps)
-    and the same row inside a batch of 7 (register tiles of 4 + 3, or 3 + 4, or 2 + 2 + 2 + 1,
+    and the same row inside a batch of 7 (register tiles of 4 + 3 rows, or one of 7, the blocks
     split between two threads) give the same numbers, so codes never depend on how a corpus was
     batched."""
     gates_x, w_hh_t, bias, state = _problem(np.random.default_rng(2), 20, 7, 256)
