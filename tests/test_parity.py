@@ -249,13 +249,13 @@ def check_random_config(seed: int, tmp_path, max_flipped: float = 0.0) -> None:
         compare_every_bandwidth(pair, x, max_flipped)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 def test_random_configs(seed, tmp_path):
     check_random_config(seed, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(3, 23))
+@pytest.mark.parametrize("seed", range(2, 23))
 def test_random_configs_sweep(seed, tmp_path):
     """Wider sweep. Tiny random models (hidden size 8, 16 codes) leave residuals of ~1e-3 at the
     deeper levels, where float32 rounding in the encoder (1e-7) can flip a true near-tie: seed 5

@@ -179,7 +179,12 @@ KILLER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("moment,n", [("step", 6), ("save", 8)])
+@pytest.mark.parametrize(
+    "moment,n",
+    # A kill during a step is the simpler case (the last checkpoint is whole): -m slow, so the
+    # default run stays near its time budget on a slow CI machine (40 s here).
+    [pytest.param("step", 6, marks=pytest.mark.slow), ("save", 8)],
+)
 def test_killed_and_run_again_equals_an_uninterrupted_run(moment, n, full_run, data, tmp_path):
     """SIGKILL during step 6 (the checkpoint of step 4 complete) or while the checkpoint of
     step 8 is being written (and a metrics line cut short); the same command again finishes the
