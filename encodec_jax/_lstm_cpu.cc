@@ -1,18 +1,22 @@
-// The LSTM recurrence as one XLA:CPU custom call (see encodec_jax/cpu_lstm.py for why).
+// An LSTM layer as one XLA:CPU custom call (see encodec_jax/cpu_lstm.py for why).
 //
 // Each step t computes, for every batch row b and unit u,
 //   gates[b, t, g, u] = (gx[b, t, g, u] + bias[g, u]) + sum_k h[b, t - 1, k] * w_hh[g, u, k]
-// (g = i, f, g, o), then the cell. The bias is added here rather than by XLA after the input
-// projection, where it was one more pass over the [B, T, 4H] pre-activations (6-12 % of a layer
-// at batch 4-16); the two additions round as they did there. XLA's dot packs the [H, 4H] weight
-// on every step (it cannot know the weight is the same each step), so a step moves the weight
-// about three times; here it is packed once by the caller (`w` below: blocks of L units, L the
-// width of one vector register, each two pairs of gates, contraction-major) and every step reads
-// it once per tile of rows, whole cache lines at a time, applying the cell as soon as a block's
-// four gates are summed.
-// The blocks of a step are shared between the calling thread and one task on XLA's intra-op
-// pool, half each, and either takes what the other has not claimed, so a step never waits on a
-// thread that has not started: the caller alone can finish every block.
+// (g = i, f, g, o), then the cell, where gx[b, t, g, u] = sum_k x[b, t, k] * w_ih[g, u, k] is the
+// input projection. The projection is computed here too, by the same register tiles, for a
+// chunk of steps at a time just before them: as XLA's dot over all steps it was a [B, T, 4H]
+// array written to memory and read back, and that dot ran at 60-75 % of the FMA peak from
+// batch 8, against the tiles' 80-90 %. The bias is added in the step, to the projection, as XLA
+// added it before. XLA's dot packs the [H, 4H] recurrent weight on every step (it cannot know
+// the weight is the same each step), so a step moves the weight about three times; here both
+// weights are packed once by the caller (blocks of L units, L the width of one vector
+// register, each two pairs of gates, contraction-major) and every step reads w_hh once per tile
+// of rows, whole cache lines at a time, applying the cell as soon as a block's four gates are
+// summed.
+// The blocks of a step (or of a chunk's projection) are shared between the calling thread and
+// one task on XLA's intra-op pool, half each, and either takes what the other has not claimed,
+// so a step never waits on a thread that has not started: the caller alone can finish every
+// block.
 //
 // There is one entry point per instruction set (AVX-512, AVX2 + FMA, and a generic one), each
 // compiled for it and offered only where the CPU has it. Every sum runs over k in ascending
@@ -122,44 +126,53 @@ INLINE V vtanh(V x) {
   return 2.0f * vsigmoid<V, IV>(2.0f * x) - 1.0f;
 }
 
-// One step, batch-major: row b of each array starts `b * <its stride>` floats after its pointer.
+// One step of the recurrence, batch-major: row b of each array starts `b * <its stride>` floats
+// after its pointer.
 struct Step {
   int64_t batch, hidden;  // hidden: padded to a multiple of 16
-  const float* w;         // [H / L, 2, H, 2, L]: blocks of L units (L: the kernel's lanes),
-                          // each two pairs of gates (i, f and g, o), contraction-major
-  const float* gx;        // this step's input gate pre-activations, [4, H] per row
+  const float* w;         // w_hh packed (see `Projection::w`), contraction length `hidden`
+  const float* gx;        // this step's input projection, [4, H] per row
   const float* bias;      // [4, H]: b_ih + b_hh
   const float* h_prev;    // [H] per row
   const float* c_prev;    // [H] per row
   float* h;               // [H] per row
   float* c;               // [H] per row
   float* gates;           // [4, H] per row, or null: the summed pre-activations, for the gradient
-  // Row strides: gx and gates; h_prev; c_prev; h; c.
-  int64_t gates_stride, h_prev_stride, c_prev_stride, h_stride, c_stride;
+  // Row strides: gx; gates; h_prev; c_prev; h; c.
+  int64_t gx_stride, gates_stride, h_prev_stride, c_prev_stride, h_stride, c_stride;
 };
 
-// Rows [b0, b0 + rows) of one block of L units: the four gates' sums, `G` gates (2 or 4) per
-// pass over the block's weights, the sums of earlier passes kept until the last is done, then
-// the cell. A tile's rows x G accumulators, its G weight vectors and a broadcast should fit the
-// registers, and rows x G should be at least 8: a fused multiply-add takes 4 cycles and two
-// issue per cycle, so fewer independent sums leave the FMA units idle.
+// The input projection of `steps` consecutive steps of every row, x @ w_ih: its rows are
+// (b, t) for b < batch, t < steps, b-major; row (b, t) reads `x + b * x_stride + t * inputs`
+// and writes `[4, hidden]` at `gx + (b * gx_rows + t) * 4 * hidden`.
+struct Projection {
+  int64_t batch, steps, hidden, inputs;  // inputs: the contraction length, padded to 16
+  const float* w;  // [H / L, 2, inputs, 2, L]: blocks of L units (L: the kernel's lanes), each
+                   // two pairs of gates (i, f and g, o), contraction-major
+  const float* x;
+  int64_t x_stride, gx_rows;
+  float* gx;
+};
+
+// sums[g][r] = sum over k < K of in[r][k] * w[gate g, k] for one block of L units, `G` gates (2
+// or 4) per pass over the block's weights `w` ([pair, k, gate in pair, L]), in ascending k with
+// one fused multiply-add per term. A tile's rows x G accumulators, its G weight vectors and a
+// broadcast should fit the registers, and rows x G should be at least 8: a fused multiply-add
+// takes 4 cycles and two issue per cycle, so fewer independent sums leave the FMA units idle.
 template <int L, int rows, int G>
-INLINE void block_rows(const Step& s, int64_t block, int64_t b0) {
+INLINE void gate_sums(const float* w, int64_t K, const float* const (&in)[rows],
+                      typename Lanes<L>::Vec (&sums)[kGates][rows]) {
   typedef typename Lanes<L>::Vec V;
-  typedef typename Lanes<L>::IVec IV;
   static_assert(G == 2 || G == 4, "a pass sums one pair of gates or both");
-  const int64_t H = s.hidden;
-  const float* w = s.w + block * 2 * H * 2 * L;  // [pair, k, gate in pair, L]
-  V sums[kGates][rows];
   for (int pass = 0; pass < kGates / G; ++pass) {
     V acc[G][rows];
     for (int g = 0; g < G; ++g)
       for (int r = 0; r < rows; ++r) acc[g][r] = V{};
-    for (int64_t k = 0; k < H; ++k) {
+    for (int64_t k = 0; k < K; ++k) {
       V wk[G];
       for (int g = 0; g < G; ++g) {
         const int gate = pass * G + g;
-        wk[g] = load<V>(w + ((gate / 2) * H + k) * 2 * L + (gate % 2) * L);
+        wk[g] = load<V>(w + ((gate / 2) * K + k) * 2 * L + (gate % 2) * L);
       }
 #if defined(__x86_64__)
       // Keep the weight vectors in registers, as many as fit beside the accumulators and the
@@ -171,56 +184,119 @@ INLINE void block_rows(const Step& s, int64_t block, int64_t b0) {
       for (int g = 0; g < pinned; ++g) __asm__("" : "+x"(wk[g]));
 #endif
       for (int r = 0; r < rows; ++r) {
-        const V hk = splat<V>(s.h_prev[(b0 + r) * s.h_prev_stride + k]);
-        for (int g = 0; g < G; ++g) acc[g][r] += wk[g] * hk;
+        const V xk = splat<V>(in[r][k]);
+        for (int g = 0; g < G; ++g) acc[g][r] += wk[g] * xk;
       }
     }
     for (int g = 0; g < G; ++g)
       for (int r = 0; r < rows; ++r) sums[pass * G + g][r] = acc[g][r];
   }
-  const int64_t u = block * L;
-  for (int r = 0; r < rows; ++r) {
-    const int64_t b = b0 + r;
-    V pre[kGates];
-    for (int g = 0; g < kGates; ++g) {
-      const int64_t at = g * H + u;
-      pre[g] = (load<V>(s.gx + b * s.gates_stride + at) + load<V>(s.bias + at)) + sums[g][r];
-      if (s.gates) store(s.gates + b * s.gates_stride + at, pre[g]);
-    }
-    const V c_prev = load<V>(s.c_prev + b * s.c_prev_stride + u);
-    const V c = vsigmoid<V, IV>(pre[1]) * c_prev + vsigmoid<V, IV>(pre[0]) * vtanh<V, IV>(pre[2]);
-    store(s.c + b * s.c_stride + u, c);
-    store(s.h + b * s.h_stride + u, vsigmoid<V, IV>(pre[3]) * vtanh<V, IV>(c));
-  }
 }
 
-// One tile of `rows` rows, 1 <= rows <= max_rows, as the instance compiled for that many: up to
-// 3 rows, all four gates in one pass (3 rows x 2 gates would be only 6 independent sums), from 4
-// rows, a pair of gates per pass.
-template <int L, int max_rows>
-INLINE void tile(const Step& s, int64_t block, int64_t b0, int64_t rows) {
+// Up to 3 rows, all four gates in one pass (3 rows x 2 gates would be only 6 independent sums);
+// from 4 rows, a pair of gates per pass.
+template <int rows>
+constexpr int kGatesPerPass = rows <= 3 ? 4 : 2;
+
+// Rows [b0, b0 + rows) of one step in one block of L units: the gates' sums, then the cell.
+template <int L>
+struct StepRows {
+  const Step& s;
+  int64_t block;
+
+  template <int rows>
+  INLINE void run(int64_t b0) const {
+    typedef typename Lanes<L>::Vec V;
+    typedef typename Lanes<L>::IVec IV;
+    const int64_t H = s.hidden;
+    const float* in[rows];
+    for (int r = 0; r < rows; ++r) in[r] = s.h_prev + (b0 + r) * s.h_prev_stride;
+    V sums[kGates][rows];
+    gate_sums<L, rows, kGatesPerPass<rows>>(s.w + block * 2 * H * 2 * L, H, in, sums);
+    const int64_t u = block * L;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t b = b0 + r;
+      V pre[kGates];
+      for (int g = 0; g < kGates; ++g) {
+        const int64_t at = g * H + u;
+        pre[g] = (load<V>(s.gx + b * s.gx_stride + at) + load<V>(s.bias + at)) + sums[g][r];
+        if (s.gates) store(s.gates + b * s.gates_stride + at, pre[g]);
+      }
+      const V c_prev = load<V>(s.c_prev + b * s.c_prev_stride + u);
+      const V c =
+          vsigmoid<V, IV>(pre[1]) * c_prev + vsigmoid<V, IV>(pre[0]) * vtanh<V, IV>(pre[2]);
+      store(s.c + b * s.c_stride + u, c);
+      store(s.h + b * s.h_stride + u, vsigmoid<V, IV>(pre[3]) * vtanh<V, IV>(c));
+    }
+  }
+};
+
+// Rows [r0, r0 + rows) of a projection in one block of L units.
+template <int L>
+struct ProjectionRows {
+  const Projection& p;
+  int64_t block;
+
+  template <int rows>
+  INLINE void run(int64_t r0) const {
+    typedef typename Lanes<L>::Vec V;
+    const float* in[rows];
+    float* out[rows];
+    for (int r = 0; r < rows; ++r) {
+      const int64_t b = (r0 + r) / p.steps, t = (r0 + r) % p.steps;
+      in[r] = p.x + b * p.x_stride + t * p.inputs;
+      out[r] = p.gx + (b * p.gx_rows + t) * kGates * p.hidden + block * L;
+    }
+    V sums[kGates][rows];
+    gate_sums<L, rows, kGatesPerPass<rows>>(p.w + block * 2 * p.inputs * 2 * L, p.inputs, in, sums);
+    for (int r = 0; r < rows; ++r)
+      for (int g = 0; g < kGates; ++g) store(out[r] + g * p.hidden, sums[g][r]);
+  }
+};
+
+// One tile of `rows` rows from `first`, 1 <= rows <= max_rows, as the instance compiled for
+// that many.
+template <int max_rows, typename Rows>
+INLINE void tile(const Rows& tile_rows, int64_t first, int64_t rows) {
   if constexpr (max_rows > 0) {
     if (rows == max_rows)
-      block_rows<L, max_rows, (max_rows <= 3 ? 4 : 2)>(s, block, b0);
+      tile_rows.template run<max_rows>(first);
     else
-      tile<L, max_rows - 1>(s, block, b0, rows);
+      tile<max_rows - 1>(tile_rows, first, rows);
   }
 }
 
-// Every row of one block, in as few tiles of at most `max_rows` as there can be, their sizes as
+// `n` rows of one block, in as few tiles of at most `max_rows` as there can be, their sizes as
 // even as they can be (16 rows in tiles of 6: 6 + 5 + 5): every tile is one pass over the
 // block's weights, and a small tile does little work for its pass.
-template <int L, int max_rows>
-INLINE void run_block(const Step& s, int64_t block) {
-  const int64_t tiles = (s.batch + max_rows - 1) / max_rows;
-  for (int64_t i = 0, b = 0; i < tiles; ++i) {
-    const int64_t rows = s.batch / tiles + (i < s.batch % tiles);
-    tile<L, max_rows>(s, block, b, rows);
-    b += rows;
+template <int max_rows, typename Rows>
+INLINE void run_tiles(const Rows& tile_rows, int64_t n) {
+  const int64_t tiles = (n + max_rows - 1) / max_rows;
+  for (int64_t i = 0, first = 0; i < tiles; ++i) {
+    const int64_t rows = n / tiles + (i < n % tiles);
+    tile<max_rows>(tile_rows, first, rows);
+    first += rows;
   }
 }
 
-typedef void (*BlockFn)(const Step&, int64_t);
+// A unit of the work a layer is split into: one step of the recurrence, or the input projection
+// of the steps that follow it.
+struct Job {
+  bool projection;
+  Step step;
+  Projection project;
+};
+
+template <int L, int max_rows>
+INLINE void run_job_block(const Job& job, int64_t block) {
+  if (job.projection)
+    run_tiles<max_rows>(ProjectionRows<L>{job.project, block},
+                        job.project.batch * job.project.steps);
+  else
+    run_tiles<max_rows>(StepRows<L>{job.step, block}, job.step.batch);
+}
+
+typedef void (*BlockFn)(const Job&, int64_t);
 
 // One entry point per instruction set, each with the block width and largest row tile that fit
 // its registers (measured: benchmarks/RESULTS.md); the extension offers those the running CPU
@@ -229,16 +305,17 @@ typedef void (*BlockFn)(const Step&, int64_t);
 // 32 registers: tiles of up to 8 rows (16 accumulators), so batch 8 is one pass, 16 two.
 struct Avx512 {
   static constexpr int lanes = 16;
-  __attribute__((target("avx512f,avx2,fma"))) static void run_block(const Step& s, int64_t block) {
-    ::run_block<lanes, 8>(s, block);
+  __attribute__((target("avx512f,avx2,fma"))) static void run_block(const Job& job,
+                                                                     int64_t block) {
+    run_job_block<lanes, 8>(job, block);
   }
 };
 
 // 16 registers: 6 rows x 2 gates of accumulators, 2 weight vectors and a broadcast.
 struct Avx2 {
   static constexpr int lanes = 8;
-  __attribute__((target("avx2,fma"))) static void run_block(const Step& s, int64_t block) {
-    ::run_block<lanes, 6>(s, block);
+  __attribute__((target("avx2,fma"))) static void run_block(const Job& job, int64_t block) {
+    run_job_block<lanes, 6>(job, block);
   }
 };
 #endif
@@ -247,7 +324,7 @@ struct Avx2 {
 // its own) tiles of 4 rows x 2 gates ran 9-17 % slower at 1024 units.
 struct Generic {
   static constexpr int lanes = 4;
-  static void run_block(const Step& s, int64_t block) { ::run_block<lanes, 2>(s, block); }
+  static void run_block(const Job& job, int64_t block) { run_job_block<lanes, 2>(job, block); }
 };
 
 // A counter alone on its cache line, so that the two threads' counters do not share one.
@@ -255,13 +332,13 @@ struct alignas(64) Counter {
   std::atomic<int64_t> value{0};
 };
 
-// The blocks of a step are split in two halves, one per thread (0: the caller, 1: its helper).
+// The blocks of a job are split in two halves, one per thread (0: the caller, 1: its helper).
 // Each thread claims its own half's blocks from its own counter, a cache line no other thread
-// touches, and then takes what is left of the other half, so the caller can still finish a step
+// touches, and then takes what is left of the other half, so the caller can still finish a job
 // alone. A shared counter for every block moved its cache line between the cores once per block
-// (tens of them per step); this way each thread works on the same blocks step after step, keeps
-// its counter's cache line, and reports its blocks once per step (4-10 % on the recurrence).
-struct StepSync {
+// (tens of them per step); this way each thread works on the same blocks job after job, keeps
+// its counter's cache line, and reports its blocks once per job (4-10 % on the recurrence).
+struct JobSync {
   Counter next[2];  // next block to claim in each half, counted from the half's start
   Counter done;     // blocks finished
 };
@@ -269,19 +346,20 @@ struct StepSync {
 // What the calling thread and its helper task share. The helper holds it by shared_ptr, so it
 // stays valid if the task only starts after the call has returned (it then finds no work).
 struct Shared {
-  explicit Shared(int64_t steps) : sync(steps) {}
-  std::vector<StepSync> sync;
+  explicit Shared(size_t jobs) : sync(jobs), jobs(jobs) {}
+  std::vector<JobSync> sync;
+  std::vector<Job> jobs;
   std::atomic<int64_t> published{-1};
   std::atomic<bool> finished{false};
-  std::vector<Step> steps;
+  std::vector<float> gx;     // the projection of the steps being run, [B, chunk, 4, H]
   std::vector<float> cells;  // two steps' cell states, alternating, when only the last is returned
   int64_t blocks = 0;
   BlockFn run_block = nullptr;
 };
 
-// Runs blocks of step t until none is left to claim: thread `me`'s own half first, then the other.
-void work_on(Shared& shared, int64_t t, int me) {
-  StepSync& sync = shared.sync[t];
+// Runs blocks of job j until none is left to claim: thread `me`'s own half first, then the other.
+void work_on(Shared& shared, int64_t j, int me) {
+  JobSync& sync = shared.sync[j];
   const int64_t half = (shared.blocks + 1) / 2;
   int64_t finished = 0;
   for (const int owner : {me, 1 - me}) {
@@ -290,7 +368,7 @@ void work_on(Shared& shared, int64_t t, int me) {
     for (;;) {
       const int64_t i = sync.next[owner].value.fetch_add(1, std::memory_order_relaxed);
       if (i >= count) break;
-      shared.run_block(shared.steps[t], start + i);
+      shared.run_block(shared.jobs[j], start + i);
       ++finished;
     }
   }
@@ -298,58 +376,92 @@ void work_on(Shared& shared, int64_t t, int me) {
 }
 
 void helper(const std::shared_ptr<Shared>& shared, std::thread::id caller) {
-  // A pool that cannot take the task runs it at once in the caller, before any step is
+  // A pool that cannot take the task runs it at once in the caller, before any job is
   // published: waiting there would never end, and the caller does every block itself anyway.
   if (std::this_thread::get_id() == caller) return;
-  int64_t t = 0;
-  const int64_t last = static_cast<int64_t>(shared->steps.size()) - 1;
-  while (t <= last) {
+  int64_t j = 0;
+  const int64_t last = static_cast<int64_t>(shared->jobs.size()) - 1;
+  while (j <= last) {
     wait_until([&] {
       return shared->finished.load(std::memory_order_acquire) ||
-             shared->published.load(std::memory_order_acquire) >= t;
+             shared->published.load(std::memory_order_acquire) >= j;
     });
     if (shared->finished.load(std::memory_order_acquire)) return;
-    t = shared->published.load(std::memory_order_acquire);  // a late start skips finished steps
-    work_on(*shared, t, 1);
-    ++t;
+    j = shared->published.load(std::memory_order_acquire);  // a late start skips finished jobs
+    work_on(*shared, j, 1);
+    ++j;
   }
 }
 
-// Inputs gx [B, T, 4, H], the packed weight, bias [4, H], h0 and c0 [B, H]. Outputs hs [B, T, H];
-// with `training`, every step's cell state [B, T, H] and summed pre-activations [B, T, 4, H]
-// (the backward pass needs both); without, the last cell state only, [B, 1, H], and no gates.
+// Rows of input projection computed per chunk of steps (the chunk is this many rows over the
+// batch size, rounded up). Each chunk's projection reads all of w_ih, which at 1024 units pushes
+// w_hh out of a 32 MB L3 cache; the steps after it fetch w_hh from memory again. Measured, 500
+// steps (benchmarks/RESULTS.md): 48 rows cost 6-38 % at 1024 units, batch 1-4; 256 and 384
+// were level with the unchunked projection there and 12-17 % ahead at batch 8-16.
+constexpr int64_t kChunkRows = 256;
+
+// One LSTM layer. Inputs x [B, T, C], w_ih and w_hh packed, bias [4, H], h0 and c0 [B, H].
+// Outputs hs [B, T, H]; with `training`, every step's cell state [B, T, H] and summed
+// pre-activations [B, T, 4, H] (the backward pass needs both); without, the last cell state
+// only, [B, 1, H], and no gates. The steps run in chunks: the input projection of a chunk's
+// steps, then its steps one by one, so the projection is read back from the cache rather than
+// from a [B, T, 4H] array in memory.
 template <typename Kernel>
-ffi::Error lstm_recurrence(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::Buffer<ffi::F32> w,
-                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> h0,
-                           ffi::Buffer<ffi::F32> c0, ffi::ResultBuffer<ffi::F32> hs,
-                           ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> gates,
-                           bool training) {
-  const auto dims = gx.dimensions();  // [B, T, 4, H]
-  if (dims.size() != 4 || dims[2] != kGates || dims[3] % Kernel::lanes != 0)
-    return ffi::Error::InvalidArgument("lstm_recurrence: gx must be [B, T, 4, H], H % lanes == 0");
-  const int64_t B = dims[0], T = dims[1], H = dims[3];
+ffi::Error lstm_layer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_ih,
+                      ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> bias,
+                      ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                      ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> cs,
+                      ffi::ResultBuffer<ffi::F32> gates, bool training) {
+  const auto dims = x.dimensions();  // [B, T, C]
+  const auto state_dims = h0.dimensions();  // [B, H]
+  if (dims.size() != 3 || state_dims.size() != 2 || dims[0] != state_dims[0] ||
+      dims[2] % Kernel::lanes != 0 || state_dims[1] % Kernel::lanes != 0)
+    return ffi::Error::InvalidArgument(
+        "lstm_layer: x must be [B, T, C] and h0 [B, H], C and H multiples of the lanes");
+  const int64_t B = dims[0], T = dims[1], C = dims[2], H = state_dims[1];
   const int64_t cs_steps = training ? T : 1;
-  if (w.element_count() != static_cast<size_t>(kGates * H * H) ||
+  if (w_ih.element_count() != static_cast<size_t>(kGates * H * C) ||
+      w_hh.element_count() != static_cast<size_t>(kGates * H * H) ||
       bias.element_count() != static_cast<size_t>(kGates * H) ||
-      h0.element_count() != static_cast<size_t>(B * H) ||
       c0.element_count() != static_cast<size_t>(B * H) ||
+      hs->element_count() != static_cast<size_t>(B * T * H) ||
       cs->element_count() != static_cast<size_t>(B * cs_steps * H) ||
       gates->element_count() != static_cast<size_t>(training ? B * T * kGates * H : 0))
-    return ffi::Error::InvalidArgument("lstm_recurrence: an operand or result of the wrong size");
+    return ffi::Error::InvalidArgument("lstm_layer: an operand or result of the wrong size");
   if (T == 0 || B == 0) return ffi::Error::Success();
 
-  auto shared = std::make_shared<Shared>(T);
+  const int64_t chunk = std::min(T, (kChunkRows + B - 1) / B);
+  const int64_t chunks = (T + chunk - 1) / chunk;
+  auto shared = std::make_shared<Shared>(static_cast<size_t>(T + chunks));
   shared->blocks = H / Kernel::lanes;
   shared->run_block = Kernel::run_block;
-  shared->steps.resize(T);
+  shared->gx.resize(B * chunk * kGates * H);
   if (!training) shared->cells.resize(2 * B * H);
-  for (int64_t t = 0; t < T; ++t) {
-    Step& s = shared->steps[t];
+  const Step* previous = nullptr;
+  for (int64_t t = 0, j = 0; t < T; ++t) {
+    if (t % chunk == 0) {
+      Job& job = shared->jobs[j++];
+      job.projection = true;
+      Projection& p = job.project;
+      p.batch = B;
+      p.steps = std::min(chunk, T - t);
+      p.hidden = H;
+      p.inputs = C;
+      p.w = w_ih.typed_data();
+      p.x = x.typed_data() + t * C;
+      p.x_stride = T * C;
+      p.gx_rows = chunk;
+      p.gx = shared->gx.data();
+    }
+    Job& job = shared->jobs[j++];
+    job.projection = false;
+    Step& s = job.step;
     s.batch = B;
     s.hidden = H;
-    s.w = w.typed_data();
+    s.w = w_hh.typed_data();
     s.bias = bias.typed_data();
-    s.gx = gx.typed_data() + t * kGates * H;
+    s.gx = shared->gx.data() + (t % chunk) * kGates * H;
+    s.gx_stride = chunk * kGates * H;
     s.gates = training ? gates->typed_data() + t * kGates * H : nullptr;
     s.gates_stride = T * kGates * H;
     s.h = hs->typed_data() + t * H;
@@ -363,17 +475,19 @@ ffi::Error lstm_recurrence(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::
       s.c = t == T - 1 ? cs->typed_data() : shared->cells.data() + (t % 2) * B * H;
       s.c_stride = H;
     }
-    s.c_prev = t == 0 ? c0.typed_data() : shared->steps[t - 1].c;
-    s.c_prev_stride = t == 0 ? H : shared->steps[t - 1].c_stride;
+    s.c_prev = t == 0 ? c0.typed_data() : previous->c;
+    s.c_prev_stride = t == 0 ? H : previous->c_stride;
+    previous = &s;
   }
   // One helper is worth its scheduling (a few microseconds) when a step has real work.
   if (pool.num_threads() > 1 && shared->blocks > 1 && B * H * H >= (1 << 18))
     pool.Schedule([shared, caller = std::this_thread::get_id()] { helper(shared, caller); });
-  for (int64_t t = 0; t < T; ++t) {
-    shared->published.store(t, std::memory_order_release);
-    work_on(*shared, t, 0);
+  const int64_t jobs = static_cast<int64_t>(shared->jobs.size());
+  for (int64_t j = 0; j < jobs; ++j) {
+    shared->published.store(j, std::memory_order_release);
+    work_on(*shared, j, 0);
     wait_until([&] {
-      return shared->sync[t].done.value.load(std::memory_order_acquire) == shared->blocks;
+      return shared->sync[j].done.value.load(std::memory_order_acquire) == shared->blocks;
     });
   }
   shared->finished.store(true, std::memory_order_release);
@@ -384,9 +498,10 @@ ffi::Error lstm_recurrence(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::
 
 // One handler per entry point; Python registers those the running CPU supports.
 #define LSTM_HANDLER(name, Kernel)                                         \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, lstm_recurrence<Kernel>,               \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, lstm_layer<Kernel>,                    \
                                 ffi::Ffi::Bind()                             \
                                     .Ctx<ffi::ThreadPool>()                  \
+                                    .Arg<ffi::Buffer<ffi::F32>>()            \
                                     .Arg<ffi::Buffer<ffi::F32>>()            \
                                     .Arg<ffi::Buffer<ffi::F32>>()            \
                                     .Arg<ffi::Buffer<ffi::F32>>()            \
@@ -398,14 +513,14 @@ ffi::Error lstm_recurrence(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::
                                     .Attr<bool>("training"));
 
 #if defined(__x86_64__)
-LSTM_HANDLER(LstmRecurrenceAvx512, Avx512)
-LSTM_HANDLER(LstmRecurrenceAvx2, Avx2)
+LSTM_HANDLER(LstmLayerAvx512, Avx512)
+LSTM_HANDLER(LstmLayerAvx2, Avx2)
 #endif
-LSTM_HANDLER(LstmRecurrenceGeneric, Generic)
+LSTM_HANDLER(LstmLayerGeneric, Generic)
 
 static PyMethodDef no_methods[] = {{nullptr, nullptr, 0, nullptr}};
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_lstm_cpu",
-                                 "The LSTM recurrence as an XLA:CPU custom call.", -1, no_methods};
+                                 "An LSTM layer as an XLA:CPU custom call.", -1, no_methods};
 
 // `kernels`: {name: (FFI handler capsule, lanes)} for the entry points this CPU can run, fastest
 // first; `lanes` is the width of the blocks its packed weight comes in.
@@ -420,12 +535,12 @@ PyMODINIT_FUNC PyInit__lstm_cpu(void) {
   __builtin_cpu_init();
   const bool fma = __builtin_cpu_supports("fma");
   const Kernel all[] = {
-      {"avx512", LstmRecurrenceAvx512, Avx512::lanes, __builtin_cpu_supports("avx512f") && fma},
-      {"avx2", LstmRecurrenceAvx2, Avx2::lanes, __builtin_cpu_supports("avx2") && fma},
-      {"generic", LstmRecurrenceGeneric, Generic::lanes, true},
+      {"avx512", LstmLayerAvx512, Avx512::lanes, __builtin_cpu_supports("avx512f") && fma},
+      {"avx2", LstmLayerAvx2, Avx2::lanes, __builtin_cpu_supports("avx2") && fma},
+      {"generic", LstmLayerGeneric, Generic::lanes, true},
   };
 #else
-  const Kernel all[] = {{"generic", LstmRecurrenceGeneric, Generic::lanes, true}};
+  const Kernel all[] = {{"generic", LstmLayerGeneric, Generic::lanes, true}};
 #endif
   PyObject* module = PyModule_Create(&module_def);
   PyObject* kernels = PyDict_New();

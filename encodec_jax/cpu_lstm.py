@@ -1,14 +1,18 @@
-"""The LSTM recurrence on the CPU as one XLA custom call (`_lstm_cpu.cc`).
+"""An LSTM layer on the CPU as one XLA custom call (`_lstm_cpu.cc`).
 
 XLA's CPU dot packs its right-hand operand on every call, and inside the LSTM's `lax.scan` that
 operand is the same `[H, 4H]` recurrent weight on every step: a 1024-wide layer moves its 16 MB
 weight about three times per step, and no form of the product written in JAX avoids it
 (`benchmarks/RESULTS.md`, "The recurrent product: forms measured"). The custom call takes the
-weight packed once (`pack`) and reads it once per step, with the cell applied in the same pass.
+weights packed once (`pack`) and reads the recurrent one once per step, with the cell applied in
+the same pass; it computes the input projection too, a chunk of steps at a time, with the same
+register tiles (faster than XLA's dot over all steps from batch 8, and never written to memory
+as a `[B, T, 4H]` array).
 
 The extension is compiled when the package is installed (`setup.py`; optional, so an install
-without a C++ compiler still works). Where it is missing, on other backends (`ops._lstm_scan`
-chooses per platform) and for dtypes other than float32, the recurrence runs as a `lax.scan`.
+without a C++ compiler still works). Where it is missing, on other backends (`ops._lstm_forward`
+chooses per platform) and for dtypes other than float32, the layer runs as a matmul and a
+`lax.scan`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ try:
 except ImportError:  # not compiled: ops falls back to the scan
     _lstm_cpu = None
 
-TARGET = "encodec_jax_lstm_recurrence"
+TARGET = "encodec_jax_lstm_layer"
 PAD_TO = 16  # the hidden size runs padded to a multiple of the widest kernel's blocks
 
 # The kernel's entry points this CPU runs, fastest first ("avx512", "avx2", "generic"), each with
@@ -48,58 +52,57 @@ def padded(hidden: int) -> int:
     return -(-hidden // PAD_TO) * PAD_TO
 
 
-def pack(w_hh_t: jax.Array, kernel: str | None = None) -> jax.Array:
-    """The recurrent weight `[H, 4H]` (gate order i, f, g, o) laid out for `kernel` (default:
-    the fastest): `[H' / L, 2, H', 2, L]` (`H'` = `padded(H)`, `L` its block width), block `u`
-    holding units `L u .. L u + L - 1` as two pairs of gates (i, f and g, o), each
-    contraction-major with the pair's two gates side by side, so the kernel's pass over a pair
-    reads one stream of whole cache lines. Padded units have zero weights, so they stay at zero
-    and add nothing to the real units' sums."""
+def pack(w_t: jax.Array, kernel: str | None = None) -> jax.Array:
+    """An LSTM weight, input `[C, 4H]` or recurrent `[H, 4H]` (gate order i, f, g, o), laid out
+    for `kernel` (default: the fastest): `[H' / L, 2, C', 2, L]` (`H'`, `C'`: `padded(H)`,
+    `padded(C)`; `L` its block width), block `u` holding units `L u .. L u + L - 1` as two pairs
+    of gates (i, f and g, o), each contraction-major with the pair's two gates side by side, so
+    the kernel's pass over a pair reads one stream of whole cache lines. Padding has zero
+    weights, so padded units stay at zero and add nothing to the real units' sums."""
     _, lanes = _lanes(kernel)
-    hidden = w_hh_t.shape[0]
-    size = padded(hidden)
-    w = w_hh_t.reshape(hidden, 4, hidden)  # [k, gate, unit]
-    w = jnp.pad(w, ((0, size - hidden), (0, 0), (0, size - hidden)))
-    w = w.reshape(size, 2, 2, size // lanes, lanes)  # [k, pair, gate in pair, block, lane]
+    contraction, hidden = w_t.shape[0], w_t.shape[1] // 4
+    size, k_size = padded(hidden), padded(contraction)
+    w = w_t.reshape(contraction, 4, hidden)  # [k, gate, unit]
+    w = jnp.pad(w, ((0, k_size - contraction), (0, 0), (0, size - hidden)))
+    w = w.reshape(k_size, 2, 2, size // lanes, lanes)  # [k, pair, gate in pair, block, lane]
     return w.transpose(3, 1, 0, 2, 4)
 
 
-def recurrence(
-    gates_x: jax.Array,
-    packed: jax.Array,
+def layer(
+    x: jax.Array,
+    packed: tuple[jax.Array, jax.Array],
     bias: jax.Array,
     state: tuple[jax.Array, jax.Array],
     training: bool,
     kernel: str | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
-    """(hidden states `[T, B, H]`, last cell state `[B, H]`, every cell state `[T, B, H]`, summed
-    gate pre-activations `[T, B, 4H]`) from the input projection `gates_x` `[T, B, 4H]` without
-    its bias, the `pack`ed weight, the summed biases `bias` `[4H]` and the initial `state` (h, c)
-    `[B, H]`. The last two results, which only the backward pass needs, are None unless
-    `training`. float32 only. `kernel` names one of `KERNELS` (default: the fastest).
-
-    The kernel works batch-major; the time-major arrays are transposed on the way in and out,
-    and where the caller's own arrays are batch-major (`ops.lstm_layer`) XLA cancels the two
-    transposes, so nothing is copied."""
+    """One LSTM layer over `x` `[B, T, C]`: (hidden states `[B, T, H]`, last cell state `[B, H]`,
+    every cell state `[B, T, H]`, summed gate pre-activations `[B, T, 4H]`), from the `pack`ed
+    weights (w_ih^T, w_hh^T), the summed biases `bias` `[4H]` and the initial `state` (h, c)
+    `[B, H]`. A step's pre-activations are `(x_t @ w_ih^T + bias) + h @ w_hh^T`. The last two
+    results, which only the backward pass needs, are None unless `training`. float32 only.
+    `kernel` names one of `KERNELS` (default: the fastest)."""
     kernel, lanes = _lanes(kernel)
-    steps, batch, four_h = gates_x.shape
-    hidden = four_h // 4
+    batch, steps, channels = x.shape
+    hidden = bias.shape[0] // 4
     h0, c0 = state
     if steps == 0:
-        empty = jnp.zeros((0, batch, hidden), jnp.float32)
-        return empty, c0, (empty if training else None), (gates_x if training else None)
-    size = padded(hidden)
-    expected = (size // lanes, 2, size, 2, lanes)
-    if packed.shape != expected:
-        raise ValueError(
-            f"packed weight of shape {packed.shape}: the {kernel!r} kernel takes "
-            f"{expected}, from pack(w_hh_t, {kernel!r})"
-        )
+        empty = jnp.zeros((batch, 0, hidden), jnp.float32)
+        gates = jnp.zeros((batch, 0, 4 * hidden), jnp.float32)
+        return empty, c0, (empty if training else None), (gates if training else None)
+    size, channels_size = padded(hidden), padded(channels)
+    for name, weight, k in (("w_ih", packed[0], channels_size), ("w_hh", packed[1], size)):
+        expected = (size // lanes, 2, k, 2, lanes)
+        if weight.shape != expected:
+            raise ValueError(
+                f"packed {name} of shape {weight.shape}: the {kernel!r} kernel takes "
+                f"{expected}, from pack({name}_t, {kernel!r})"
+            )
     pad = size - hidden
-    gx = gates_x.swapaxes(0, 1).reshape(batch, steps, 4, hidden)
     bias = bias.reshape(4, hidden)
+    if channels_size != channels:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, channels_size - channels)))
     if pad:
-        gx = jnp.pad(gx, ((0, 0), (0, 0), (0, 0), (0, pad)))
         bias = jnp.pad(bias, ((0, 0), (0, pad)))
         h0, c0 = (jnp.pad(a, ((0, 0), (0, pad))) for a in (h0, c0))
     f32 = jnp.float32
@@ -110,10 +113,9 @@ def recurrence(
     )
     # vmap: one call per mapped element, each the same arithmetic as an unmapped call.
     call = jax.ffi.ffi_call(f"{TARGET}_{kernel}", out_types, vmap_method="sequential")
-    hs, cs, gates = call(gx, packed, bias, h0, c0, training=training)
-    hs = hs[..., :hidden].swapaxes(0, 1)
-    cs = cs[..., :hidden].swapaxes(0, 1)
+    hs, cs, gates = call(x, *packed, bias, h0, c0, training=training)
+    hs, cs = hs[..., :hidden], cs[..., :hidden]
     if not training:
-        return hs, cs[0], None, None
-    gates = gates[..., :hidden].reshape(batch, steps, four_h).swapaxes(0, 1)
-    return hs, cs[-1], cs, gates
+        return hs, cs[:, 0], None, None
+    gates = gates[..., :hidden].reshape(batch, steps, 4 * hidden)
+    return hs, cs[:, -1], cs, gates

@@ -210,11 +210,11 @@ def lstm_layer(
 ) -> jax.Array:
     """One unidirectional LSTM layer over `[B, T, C]` from a zero state, PyTorch gate order i,f,g,o.
 
-    The input projection does not depend on the recurrence, so it is one large matmul outside the
-    scan; only `h @ w_hh.T` stays inside the loop (`lstm_recurrence`), which also adds the biases.
+    The input projection does not depend on the recurrence: on the CPU the kernel computes it
+    for a few steps at a time between them; elsewhere it is one large matmul before the scan, and
+    only `h @ w_hh.T` stays inside the loop.
     """
-    projected = x @ w_ih.T  # [B, T, 4H]
-    return lstm_recurrence(projected.swapaxes(0, 1), w_hh.T, b_ih + b_hh).swapaxes(0, 1)
+    return _lstm_layer(x, w_ih.T, w_hh.T, b_ih + b_hh)
 
 
 def lstm_scan(
@@ -222,78 +222,79 @@ def lstm_scan(
     w_ih_t: jax.Array,
     w_hh_t: jax.Array,
     bias: jax.Array,
-    packed: jax.Array | None,
+    packed: tuple[jax.Array, jax.Array] | None,
     state: tuple[jax.Array, jax.Array],
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One LSTM layer over `[B, T, C]` from `state` = (h, c), each `[B, H]`, with the weights
     transposed (`w_ih_t` `[C, 4H]`, `w_hh_t` `[H, 4H]`) and the two biases summed: (outputs
     `[B, T, H]`, final (h, c)). Streaming carries the final state into the next chunk, with the
-    weights laid out once (`packed`: `lstm_packed_weight(w_hh_t)`, or None to pack on every
-    call). The arithmetic of `lstm_layer` (from a zero state) step for step,
-    forward only: streaming needs no gradient, so it runs the recurrence directly rather than
-    through `lstm_recurrence`.
+    weights laid out once (`packed`: `lstm_packed_weights(w_ih_t, w_hh_t)`, or None to pack on
+    every call). The arithmetic of `lstm_layer` (from a zero state) step for step, forward only:
+    streaming needs no gradient, so it runs the layer directly rather than through its
+    hand-written gradient.
     """
-    projected = x @ w_ih_t  # [B, T, 4H]
-    state, hs, _, _ = _lstm_scan(projected.swapaxes(0, 1), w_hh_t, bias, state, packed, False)
-    return hs.swapaxes(0, 1), state
+    state, hs, _, _ = _lstm_forward(x, w_ih_t, w_hh_t, bias, state, packed, False)
+    return hs, state
 
 
-def lstm_packed_weight(w_hh_t: jax.Array) -> jax.Array | None:
-    """The recurrent weight `[H, 4H]` laid out for the CPU kernel (`cpu_lstm.pack`), or None
-    where the recurrence will run as a scan (no kernel compiled, or not a CPU backend)."""
+def lstm_packed_weights(w_ih_t: jax.Array, w_hh_t: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+    """The weights `[C, 4H]` and `[H, 4H]` laid out for the CPU kernel (`cpu_lstm.pack`), or
+    None where the layer will run as a scan (no kernel compiled, or not a CPU backend)."""
     if cpu_lstm.available and jax.default_backend() == "cpu":
-        return cpu_lstm.pack(w_hh_t)
+        return cpu_lstm.pack(w_ih_t), cpu_lstm.pack(w_hh_t)
     return None
 
 
 @jax.custom_vjp
-def lstm_recurrence(gates_x: jax.Array, w_hh_t: jax.Array, bias: jax.Array) -> jax.Array:
-    """The LSTM's recurrence: the input projection `[T, B, 4H]`, recurrent weights `[H, 4H]`
-    and the summed biases `[4H]` -> hidden states `[T, B, H]`, from a zero state. The step's
-    pre-activations are `(gates_x + bias) + h @ w_hh_t`.
+def _lstm_layer(x: jax.Array, w_ih_t: jax.Array, w_hh_t: jax.Array, bias: jax.Array) -> jax.Array:
+    """`lstm_layer` with the weights transposed and the biases summed: hidden states `[B, T, H]`.
 
-    Its gradient is written out (`_lstm_recurrence_bwd`) because the one JAX derives from the scan
+    Its gradient is written out (`_lstm_layer_bwd`) because the one JAX derives from the scan
     adds each step's outer product into the `[H, 4H]` weight gradient inside the loop, a full
     pass over the weights per step (most of a training step's time on a CPU for the 1024-wide
-    LSTMs); here the loop only carries the state, and the weight gradient is one matmul over all
-    steps after it.
+    LSTMs); here the loop only carries the state, and the weight gradients are one matmul each
+    over all steps after it.
     """
-    return _lstm_scan(gates_x, w_hh_t, bias, training=False)[1]
+    return _lstm_forward(x, w_ih_t, w_hh_t, bias, training=False)[1]
 
 
-def _lstm_scan(gates_x, w_hh_t, bias, state=None, packed=None, training=True):
+def _lstm_forward(x, w_ih_t, w_hh_t, bias, state=None, packed=None, training=True):
     """(final (h, c), hidden states, and with `training` the cell states and gate
-    pre-activations, else None and None), the last three `[T, B, ...]`, from `state` = (h, c) or
+    pre-activations, else None and None), the last three `[B, T, ...]`, from `state` = (h, c) or
     zeros.
 
-    On a CPU, in float32, with the extension compiled, the recurrence is `cpu_lstm`'s custom call
-    (2x the scan from batch 4; `benchmarks/RESULTS.md`); elsewhere a `lax.scan`. The two round
-    differently (summation order, sigmoid and tanh), each the same way for every batch size and
-    position in the batch."""
+    On a CPU, in float32, with the extension compiled, the layer is `cpu_lstm`'s custom call
+    (2x the scan from batch 4; `benchmarks/RESULTS.md`); elsewhere a matmul and a `lax.scan`.
+    The two round differently (summation order, sigmoid and tanh), each the same way for every
+    batch size and position in the batch."""
     hidden = w_hh_t.shape[0]
     if state is None:
-        zeros = jnp.zeros((gates_x.shape[1], hidden), gates_x.dtype)
+        zeros = jnp.zeros((x.shape[0], hidden), x.dtype)
         state = (zeros, zeros)
 
     def scan():
-        final, hs, cs, gates = _xla_lstm_scan(gates_x + bias, w_hh_t, state)
+        gates_x = (x @ w_ih_t).swapaxes(0, 1) + bias  # [T, B, 4H]
+        final, hs, cs, gates = _xla_lstm_scan(gates_x, w_hh_t, state)
+        hs, cs, gates = (a.swapaxes(0, 1) for a in (hs, cs, gates))
         return (final, hs, cs, gates) if training else (final, hs, None, None)
 
-    arrays = (gates_x, w_hh_t, bias, *state)
+    arrays = (x, w_ih_t, w_hh_t, bias, *state)
     if not cpu_lstm.available or any(a.dtype != jnp.float32 for a in arrays):
         return scan()
 
     def kernel():
-        weight = cpu_lstm.pack(w_hh_t) if packed is None else packed
-        hs, c_last, cs, gates = cpu_lstm.recurrence(gates_x, weight, bias, state, training)
-        final = (hs[-1], c_last) if gates_x.shape[0] else state
+        weights = (cpu_lstm.pack(w_ih_t), cpu_lstm.pack(w_hh_t)) if packed is None else packed
+        hs, c_last, cs, gates = cpu_lstm.layer(x, weights, bias, state, training)
+        final = (hs[:, -1], c_last) if x.shape[1] else state
         return final, hs, cs, gates
 
     return lax.platform_dependent(cpu=kernel, default=scan)
 
 
 def _xla_lstm_scan(gates_x: jax.Array, w_hh_t: jax.Array, state):
-    """`_lstm_scan` as a `lax.scan`: every backend, every dtype."""
+    """The recurrence as a `lax.scan` over time-major input projections `[T, B, 4H]` with the
+    bias added: every backend, every dtype. (final (h, c), hs, cs, gates), the last three
+    `[T, B, ...]`."""
     recurrent_product = _recurrent_product(gates_x.shape[1], w_hh_t)
 
     def step(carry, gx):
@@ -323,13 +324,15 @@ def _recurrent_product(batch: int, w_hh_t: jax.Array):
     return lambda h: h @ w_hh_t
 
 
-def _lstm_recurrence_fwd(gates_x, w_hh_t, bias):
-    _, hs, cs, gates = _lstm_scan(gates_x, w_hh_t, bias)
-    return hs, (hs, cs, gates, w_hh_t)
+def _lstm_layer_fwd(x, w_ih_t, w_hh_t, bias):
+    _, hs, cs, gates = _lstm_forward(x, w_ih_t, w_hh_t, bias)
+    return hs, (x, hs, cs, gates, w_ih_t, w_hh_t)
 
 
-def _lstm_recurrence_bwd(residuals, d_hs):
-    hs, cs, gates, w_hh_t = residuals
+def _lstm_layer_bwd(residuals, d_hs):
+    x, hs, cs, gates, w_ih_t, w_hh_t = residuals
+    # The loop runs over time: the saved arrays are batch-major, [B, T, ...].
+    hs, cs, gates, d_hs = (a.swapaxes(0, 1) for a in (hs, cs, gates, d_hs))
     zeros = jnp.zeros_like(hs[0])
     h_prev = jnp.concatenate([zeros[None], hs[:-1]])
     c_prev = jnp.concatenate([zeros[None], cs[:-1]])
@@ -354,11 +357,14 @@ def _lstm_recurrence_bwd(residuals, d_hs):
         return (d_gates @ w_hh_t.T, dc * f), d_gates
 
     _, d_gates = lax.scan(step, (zeros, zeros), (d_hs, cs, c_prev, gates), reverse=True)
-    d_w = h_prev.reshape(-1, h_prev.shape[-1]).T @ d_gates.reshape(-1, d_gates.shape[-1])
-    return d_gates, d_w, jnp.sum(d_gates, axis=(0, 1))
+    d_w_hh = h_prev.reshape(-1, h_prev.shape[-1]).T @ d_gates.reshape(-1, d_gates.shape[-1])
+    d_gates = d_gates.swapaxes(0, 1)  # [B, T, 4H]
+    d_x = d_gates @ w_ih_t.T
+    d_w_ih = x.reshape(-1, x.shape[-1]).T @ d_gates.reshape(-1, d_gates.shape[-1])
+    return d_x, d_w_ih, d_w_hh, jnp.sum(d_gates, axis=(0, 1))
 
 
-lstm_recurrence.defvjp(_lstm_recurrence_fwd, _lstm_recurrence_bwd)
+_lstm_layer.defvjp(_lstm_layer_fwd, _lstm_layer_bwd)
 
 
 def lstm_cell(gates: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:

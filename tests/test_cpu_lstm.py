@@ -23,46 +23,51 @@ def test_the_kernel_is_built():
     assert cpu_lstm.available, "encodec_jax._lstm_cpu did not build: see `pip install -v -e .`"
 
 
-def _problem(rng, steps, batch, hidden, scale=1.0):
-    gates_x = scale * rng.standard_normal((steps, batch, 4 * hidden)).astype(np.float32)
+def _problem(rng, steps, batch, hidden, scale=1.0, inputs=None):
+    """An LSTM layer's arguments for `cpu_lstm.layer` (weights unpacked): x `[B, T, C]`, w_ih^T,
+    w_hh^T, the summed bias and the initial (h, c)."""
+    inputs = hidden if inputs is None else inputs
+    x = scale * rng.standard_normal((batch, steps, inputs)).astype(np.float32)
+    w_ih_t = (rng.standard_normal((inputs, 4 * hidden)) / np.sqrt(inputs)).astype(np.float32)
     w_hh_t = (rng.standard_normal((hidden, 4 * hidden)) / np.sqrt(hidden)).astype(np.float32)
     h0 = (0.5 * rng.standard_normal((batch, hidden))).astype(np.float32)
     c0 = rng.standard_normal((batch, hidden)).astype(np.float32)
     bias = (0.5 * rng.standard_normal(4 * hidden)).astype(np.float32)
-    return gates_x, w_hh_t, bias, (h0, c0)
+    return x, w_ih_t, w_hh_t, bias, (h0, c0)
 
 
-def _reference(gates_x, w_hh_t, bias, state):
-    """The recurrence in float64 NumPy: (hs, cs, gate pre-activations), each `[T, B, ...]`."""
+def _reference(x, w_ih_t, w_hh_t, bias, state):
+    """The layer in float64 NumPy: (hs, cs, gate pre-activations), each `[B, T, ...]`."""
     w = w_hh_t.astype(np.float64)
+    gates_x = x.astype(np.float64) @ w_ih_t.astype(np.float64) + bias
     h, c = (a.astype(np.float64) for a in state)
     hs, cs, pres = [], [], []
-    for gx in gates_x.astype(np.float64):
-        pre = gx + bias + h @ w
+    for gx in gates_x.swapaxes(0, 1):
+        pre = gx + h @ w
         i, f, g, o = np.split(pre, 4, axis=-1)
         sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
         c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
         h = sigmoid(o) * np.tanh(c)
         hs.append(h), cs.append(c), pres.append(pre)
     if not hs:  # no steps
-        empty = np.zeros((0, *gates_x.shape[1:]))
+        empty = np.zeros((x.shape[0], 0, 4 * w.shape[0]))
         return empty[..., : w.shape[0]], empty[..., : w.shape[0]], empty
-    return np.array(hs), np.array(cs), np.array(pres)
+    return tuple(np.array(a).swapaxes(0, 1) for a in (hs, cs, pres))
 
 
 @functools.partial(jax.jit, static_argnames="kernel")
-def _kernel(gates_x, w_hh_t, bias, state, kernel=None):
-    """The kernel as training runs it: (hs, cs, gate pre-activations), each `[T, B, ...]`."""
-    packed = cpu_lstm.pack(w_hh_t, kernel)
-    hs, _, cs, gates = cpu_lstm.recurrence(gates_x, packed, bias, state, True, kernel)
+def _kernel(x, w_ih_t, w_hh_t, bias, state, kernel=None):
+    """The kernel as training runs it: (hs, cs, gate pre-activations), each `[B, T, ...]`."""
+    packed = (cpu_lstm.pack(w_ih_t, kernel), cpu_lstm.pack(w_hh_t, kernel))
+    hs, _, cs, gates = cpu_lstm.layer(x, packed, bias, state, True, kernel)
     return hs, cs, gates
 
 
 @functools.partial(jax.jit, static_argnames="kernel")
-def _inference_kernel(gates_x, w_hh_t, bias, state, kernel=None):
+def _inference_kernel(x, w_ih_t, w_hh_t, bias, state, kernel=None):
     """The kernel as inference runs it: (hs, the last cell state)."""
-    packed = cpu_lstm.pack(w_hh_t, kernel)
-    hs, c_last, cs, gates = cpu_lstm.recurrence(gates_x, packed, bias, state, False, kernel)
+    packed = (cpu_lstm.pack(w_ih_t, kernel), cpu_lstm.pack(w_hh_t, kernel))
+    hs, c_last, cs, gates = cpu_lstm.layer(x, packed, bias, state, False, kernel)
     assert cs is None and gates is None
     return hs, c_last
 
@@ -76,58 +81,60 @@ def test_the_cpu_picks_its_kernels():
     with pytest.raises(ValueError, match="this CPU runs .*generic"):
         _kernel(*problem, kernel="sve")
     # Each kernel's packed weight has its own block width; another's is refused, not misread.
-    gates_x, w_hh_t, bias, state = _problem(np.random.default_rng(0), 2, 1, 32)
+    x, w_ih_t, w_hh_t, bias, state = _problem(np.random.default_rng(0), 2, 1, 32)
     for packed_for, kernel in itertools.pairwise(cpu_lstm.KERNELS):
-        packed = cpu_lstm.pack(w_hh_t, packed_for)
-        with pytest.raises(ValueError, match=f"the '{kernel}' kernel takes"):
-            cpu_lstm.recurrence(gates_x, packed, bias, state, False, kernel)
+        packed = (cpu_lstm.pack(w_ih_t, packed_for), cpu_lstm.pack(w_hh_t, packed_for))
+        with pytest.raises(ValueError, match=f"packed w_ih .* the '{kernel}' kernel takes"):
+            cpu_lstm.layer(x, packed, bias, state, False, kernel)
 
 
 @pytest.mark.parametrize("kernel", cpu_lstm.KERNELS)
 @pytest.mark.parametrize(
-    "steps, batch, hidden",
+    "steps, batch, hidden, inputs",
     [
-        (7, 1, 16),
-        (7, 2, 16),
-        (9, 3, 20),
-        (1, 4, 33),
-        (7, 5, 16),
-        (5, 6, 48),
-        (6, 7, 16),
-        (5, 8, 16),
-        (5, 9, 48),
-        (3, 16, 16),
-        (3, 17, 20),
-        (0, 2, 16),
+        (7, 1, 16, 16),
+        (7, 2, 16, 8),
+        (9, 3, 20, 20),
+        (1, 4, 33, 5),
+        (7, 5, 16, 16),
+        (5, 6, 48, 48),
+        (6, 7, 16, 40),
+        (5, 8, 16, 16),
+        (5, 9, 48, 48),
+        (3, 16, 16, 16),
+        (3, 17, 20, 20),
+        (0, 2, 16, 16),
+        (60, 5, 16, 16),
     ],
 )  # every register tile of 1-8 rows (all four gates per pass up to 3 rows, a pair from 4) and
 # batches split into several (AVX2: 7 = 4 + 3, 9 = 5 + 4, 16 = 6 + 5 + 5, 17 = 6 + 6 + 5);
-# hidden 20, 33: padded to 32, 48
-def test_kernel_matches_a_float64_lstm(steps, batch, hidden, kernel):
-    problem = _problem(np.random.default_rng(steps * 100 + batch), steps, batch, hidden)
+# hidden 20, 33 and inputs 5, 8, 20, 40: padded to 32, 48, 16, 16, 32, 48; 60 steps x 5 rows:
+# the input projection in two chunks (52 + 8 steps)
+def test_kernel_matches_a_float64_lstm(steps, batch, hidden, inputs, kernel):
+    rng = np.random.default_rng(steps * 100 + batch)
+    problem = _problem(rng, steps, batch, hidden, inputs=inputs)
     hs, cs, pre = (np.asarray(a) for a in _kernel(*problem, kernel=kernel))
     want = _reference(*problem)
-    assert hs.shape == cs.shape == (steps, batch, hidden) and pre.shape == (
-        steps,
-        batch,
-        4 * hidden,
-    )
-    # float32 sums of up to 48 terms and sigmoid/tanh within a few 1e-8, over up to 9 steps:
-    # atol 2e-6 on values of order 1 (measured: 4.3e-7).
+    assert hs.shape == cs.shape == (batch, steps, hidden)
+    assert pre.shape == (batch, steps, 4 * hidden)
+    # float32 sums of up to 48 terms and sigmoid/tanh within a few 1e-8, over up to 60 steps:
+    # atol 2e-6 on values of order 1 (measured: 1.0e-6).
     for got, expected in zip((hs, cs, pre), want, strict=True):
         np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
     # Inference keeps only the last cell state (two alternating buffers): the same numbers.
     hs_inference, c_last = _inference_kernel(*problem, kernel=kernel)
     np.testing.assert_array_equal(hs_inference, hs)
-    np.testing.assert_array_equal(c_last, cs[-1] if steps else problem[-1][1])
+    np.testing.assert_array_equal(c_last, cs[:, -1] if steps else problem[-1][1])
 
 
 def test_kernel_agrees_with_the_scan_it_replaces():
     """512 units, 50 steps: the kernel and `lax.scan` round differently (sum order, sigmoid, tanh),
     so they agree to float32 rounding, not bit for bit."""
-    gates_x, w_hh_t, bias, state = _problem(np.random.default_rng(1), 50, 3, 512)
-    _, hs_scan, cs_scan, _ = jax.jit(ops._xla_lstm_scan)(gates_x + bias, w_hh_t, state)
-    hs, cs, _ = _kernel(gates_x, w_hh_t, bias, state)
+    x, w_ih_t, w_hh_t, bias, state = _problem(np.random.default_rng(1), 50, 3, 512)
+    gates_x = (x @ w_ih_t).swapaxes(0, 1) + bias
+    _, hs_scan, cs_scan, _ = jax.jit(ops._xla_lstm_scan)(gates_x, w_hh_t, state)
+    hs_scan, cs_scan = hs_scan.swapaxes(0, 1), cs_scan.swapaxes(0, 1)
+    hs, cs, _ = _kernel(x, w_ih_t, w_hh_t, bias, state)
     # 512-term sums over 50 steps: atol 1e-5 (measured: 5.1e-7).
     np.testing.assert_allclose(hs, hs_scan, rtol=0, atol=1e-5)
     np.testing.assert_allclose(cs, cs_scan, rtol=0, atol=1e-5)
@@ -135,31 +142,31 @@ def test_kernel_agrees_with_the_scan_it_replaces():
 
 @pytest.mark.parametrize("kernel", cpu_lstm.KERNELS)
 def test_a_row_does_not_depend_on_its_batch_or_on_threads(kernel):
-    """Bit-exact: a row alone (one thread: the helper task is only scheduled for larger steps)
-    and the same row inside a batch of 7 (register tiles of 4 + 3 rows, or one of 7, the blocks
-    split between two threads) give the same numbers, so codes never depend on how a corpus was
-    batched."""
-    gates_x, w_hh_t, bias, state = _problem(np.random.default_rng(2), 20, 7, 256)
-    hs, cs, pre = _kernel(gates_x, w_hh_t, bias, state, kernel=kernel)
+    """Bit-exact: a row alone (one thread: the helper task is only scheduled for larger steps; the
+    input projection in one chunk) and the same row inside a batch of 7 (register tiles of 4 + 3
+    rows, or one of 7, the blocks split between two threads, the projection in chunks of 37
+    steps) give the same numbers, so codes never depend on how a corpus was batched."""
+    x, w_ih_t, w_hh_t, bias, state = _problem(np.random.default_rng(2), 40, 7, 256)
+    hs, cs, pre = _kernel(x, w_ih_t, w_hh_t, bias, state, kernel=kernel)
     for row in range(7):
         one_row = tuple(a[row : row + 1] for a in state)
-        alone = _kernel(gates_x[:, row : row + 1], w_hh_t, bias, one_row, kernel=kernel)
+        alone = _kernel(x[row : row + 1], w_ih_t, w_hh_t, bias, one_row, kernel=kernel)
         for got, batched in zip(alone, (hs, cs, pre), strict=True):
-            np.testing.assert_array_equal(got[:, 0], batched[:, row])
+            np.testing.assert_array_equal(got[0], batched[row])
 
 
 def test_saturation_and_nan():
     """Huge pre-activations saturate the gates to exactly 0 or 1 with no NaN; a NaN input stays
     NaN (it is not clamped into a finite value)."""
-    gates_x, w_hh_t, bias, state = _problem(np.random.default_rng(3), 3, 2, 16)
-    huge = np.sign(gates_x) * np.float32(1e30)
-    hs, cs, _ = (np.asarray(a) for a in _kernel(huge, w_hh_t, bias, state))
+    x, w_ih_t, w_hh_t, bias, state = _problem(np.random.default_rng(3), 3, 2, 16)
+    huge = np.sign(x) * np.float32(1e30)
+    hs, cs, _ = (np.asarray(a) for a in _kernel(huge, w_ih_t, w_hh_t, bias, state))
     assert np.isfinite(hs).all() and np.isfinite(cs).all()
     assert np.all(np.abs(hs) <= 1)
-    poisoned = gates_x.copy()
-    poisoned[1, 0, 5] = np.nan
-    hs, _, _ = (np.asarray(a) for a in _kernel(poisoned, w_hh_t, bias, state))
-    assert np.isnan(hs[1:, 0]).any() and np.isfinite(hs[:, 1]).all() and np.isfinite(hs[0]).all()
+    poisoned = x.copy()
+    poisoned[0, 1, 5] = np.nan
+    hs, _, _ = (np.asarray(a) for a in _kernel(poisoned, w_ih_t, w_hh_t, bias, state))
+    assert np.isnan(hs[0, 1:]).any() and np.isfinite(hs[1]).all() and np.isfinite(hs[:, 0]).all()
 
 
 def test_lstm_layer_runs_the_kernel_on_the_cpu_in_float32_only():
@@ -174,7 +181,7 @@ def test_lstm_layer_runs_the_kernel_on_the_cpu_in_float32_only():
 
 def test_vmap_and_grad_through_the_kernel():
     """vmap runs one call per element (the same numbers as unmapped calls, bit for bit); the
-    gradient (the hand-written backward of `lstm_recurrence` over the kernel's saved gates) agrees
+    gradient (the hand-written backward of `_lstm_layer` over the kernel's saved gates) agrees
     with the gradient of the float64 scan."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3, 2, 6, 8)).astype(np.float32)
@@ -205,7 +212,7 @@ def test_streaming_with_the_weight_packed_once_equals_packing_per_call():
     x = gates((2, 4, 8)).astype(np.float32)
     w_ih_t, w_hh_t, bias = (gates(s).astype(np.float32) * 0.2 for s in [(8, 64), (16, 64), (64,)])
     state = (jnp.zeros((2, 16)), jnp.zeros((2, 16)))
-    packed = ops.lstm_packed_weight(w_hh_t)
+    packed = ops.lstm_packed_weights(w_ih_t, w_hh_t)
     assert packed is not None
     once = jax.jit(ops.lstm_scan)(x, w_ih_t, w_hh_t, bias, packed, state)
     per_call = jax.jit(ops.lstm_scan)(x, w_ih_t, w_hh_t, bias, None, state)

@@ -333,8 +333,9 @@ def test_two_lstm_layers_match_torch_lstm(batch):
 
 
 def test_lstm_gradient_equals_the_gradient_of_the_plain_scan():
-    """The hand-written backward pass of `lstm_recurrence` against JAX's own derivative of the
-    same recurrence written as a plain scan, in float64: every input's gradient to 1e-12."""
+    """The hand-written backward pass of `lstm_layer` (`ops._lstm_layer`) against JAX's own
+    derivative of the same recurrence written as a plain scan, in float64: every input's gradient
+    to 1e-12."""
     with jax.enable_x64(True):
         rng = _rng()
         channels, hidden, steps, batch = 5, 6, 9, 3

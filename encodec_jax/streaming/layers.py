@@ -258,7 +258,7 @@ def _weight_shape(layer) -> tuple[int, ...]:
 def weights(layers, p: Plan) -> Weights:
     """The arrays a layer or stack streams with (laid out for small calls): conv (matrix
     `[K * Cin, Cout]`, bias), transposed (blocks `[K / u, Cin, u * Cout]`, bias), LSTM
-    ((w_ih^T, w_hh^T, b_ih + b_hh, the recurrent weight packed for the CPU kernel or None) per
+    ((w_ih^T, w_hh^T, b_ih + b_hh, both weights packed for the CPU kernel or None) per
     layer); None for ELU and identity."""
     if p.kind == "stack":
         return tuple(weights(layer, part) for layer, part in zip(layers, p.parts, strict=True))
@@ -271,8 +271,9 @@ def weights(layers, p: Plan) -> Weights:
         per_layer = []
         for i in range(p.lstm_layers):
             w_ih, w_hh, b_ih, b_hh = layer.lstm.layer(i)
-            w_hh_t = w_hh.T
-            per_layer.append((w_ih.T, w_hh_t, b_ih + b_hh, ops.lstm_packed_weight(w_hh_t)))
+            w_ih_t, w_hh_t = w_ih.T, w_hh.T
+            packed = ops.lstm_packed_weights(w_ih_t, w_hh_t)
+            per_layer.append((w_ih_t, w_hh_t, b_ih + b_hh, packed))
         return tuple(per_layer)
     if p.kind == "residual":
         return weights(layer.block, p.parts[0]), weights(layer.shortcut, p.parts[1])
