@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from . import untrusted
 from .atomic import atomic_directory
 from .checkpoint import read_torch_state_dict, rename_original_key
 from .config import ENCODEC_24KHZ, ENCODEC_32KHZ, ENCODEC_48KHZ, PRESETS, EncodecConfig
@@ -280,7 +281,7 @@ def _parse_yaml(text: str | Mapping[str, Any]) -> dict:
     import yaml
 
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=untrusted.yaml_loader(aliases=True))
     except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as err:
         # ValueError/OverflowError: a scalar YAML types but cannot build (a date out of range).
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -6,7 +6,8 @@ no more than the file's own size justifies. Lengths, counts and shapes a file cl
 against the bytes it holds before anything is allocated. Compressed content (a deflated zip
 member) may expand up to deflate's own limit and no further.
 
-NumPy and the standard library only, so that every reader can use it.
+NumPy and the standard library only (PyYAML only inside `yaml_loader`), so that every reader can
+use it.
 """
 
 from __future__ import annotations
@@ -63,6 +64,48 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise _DuplicateKey(key)
         result[key] = value
     return result
+
+
+# Deeper YAML is refused as it is read. A config nests a few levels; without a limit, a 10 kB
+# file of nested brackets took PyYAML about 1 s to refuse (its scanner's time grows with the
+# square of the nesting, and only the composer's recursion limit stopped it).
+MAX_YAML_DEPTH = 64
+
+
+def yaml_loader(aliases: bool) -> type:
+    """A `yaml.SafeLoader` (it builds no objects) for untrusted text that refuses nesting deeper
+    than MAX_YAML_DEPTH and, unless `aliases`, anchors and aliases (whose sharing can make a small
+    file expand without bound when it is walked), each with a `yaml.YAMLError` that names the
+    line. `yaml.load(text, Loader=yaml_loader(...))`; PyYAML is imported only here."""
+    import yaml
+
+    class UntrustedLoader(yaml.SafeLoader):
+        depth = 0
+
+        def fetch_flow_collection_start(self, token_class):
+            # The scanner reads a run of `[` or `{` to its end before the composer sees the
+            # first one (each may open a key), so brackets are counted here, as they are read.
+            if self.flow_level >= MAX_YAML_DEPTH:
+                message = f"brackets nested deeper than {MAX_YAML_DEPTH} levels"
+                raise yaml.scanner.ScannerError(None, None, message, self.get_mark())
+            super().fetch_flow_collection_start(token_class)
+
+        def compose_node(self, parent, index):
+            mark = self.peek_event().start_mark
+            if not aliases and self.check_event(yaml.AliasEvent):
+                message = "aliases (*name) are not accepted"
+                raise yaml.composer.ComposerError(None, None, message, mark)
+            if self.depth >= MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark
+                )
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return UntrustedLoader
 
 
 def is_finite(value: Any) -> bool:

@@ -203,6 +203,35 @@ def test_xp_cfg_alias_bomb():
     )
 
 
+@pytest.mark.parametrize(
+    "nesting, refusal",
+    [
+        ("[" * 5000 + "]" * 5000, "brackets nested deeper than 64 levels"),
+        ("{a: " * 5000 + "}" * 5000, "nested deeper than 64 levels"),
+        ("".join(f"\n{'  ' * i}- " for i in range(1, 80)) + "1", "nested deeper than 64 levels"),
+    ],
+    ids=["brackets", "braces", "indented"],
+)
+def test_yaml_nested_too_deep_is_refused_where_the_limit_is_crossed(tmp_path, nesting, refusal):
+    """Both YAML readers stop at 64 levels, as they read: PyYAML's scanner alone took about 1 s
+    on 10 kB of nested brackets before the composer's recursion limit refused them, and nested
+    64 levels deep each reader still reads a file."""
+    from encodec_jax.convert import ConversionError, config_from_audiocraft_yaml
+    from encodec_jax.train.config import TrainConfigError, read_yaml
+
+    with pytest.raises(ConversionError, match=f"^xp.cfg is not valid YAML: {refusal}"):
+        config_from_audiocraft_yaml(f"seanet: {nesting}\n")
+    path = tmp_path / "config.yaml"
+    path.write_text(f"model: {nesting}\n")
+    with pytest.raises(TrainConfigError, match=f": {refusal} in "):
+        read_yaml(path)
+    path.write_text("model: " + "[" * 63 + "]" * 63 + "\n")
+    nested: list = []
+    for _ in range(62):
+        nested = [nested]
+    assert read_yaml(path) == {"model": nested}
+
+
 def test_audio_claiming_a_sample_rate_too_low_to_resample(tmp_path):
     path = tmp_path / "low.wav"
     sf.write(path, np.zeros(100, np.float32), 100)

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..atomic import atomic_write
 from ..config import EncodecConfig
+from ..untrusted import yaml_loader
 from .quantizer import EXPIRY_MODES
 
 SCHEDULES = ("constant", "cosine")
@@ -247,23 +248,15 @@ MAX_YAML_BYTES = 1 << 20
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """The mapping a training config YAML file holds (empty for an empty file).
 
-    The file is untrusted (configs are shared): at most MAX_YAML_BYTES, parsed with
-    `yaml.safe_load` (which builds no objects), and without anchors and aliases, whose nesting
-    can make a small file expand without bound when the config is walked.
+    The file is untrusted (configs are shared): at most MAX_YAML_BYTES, parsed with a safe loader
+    (which builds no objects) that refuses deep nesting and anchors and aliases, whose nesting
+    can make a small file expand without bound when the config is walked
+    (`untrusted.yaml_loader`).
 
     Raises:
         TrainConfigError: unreadable, too large, not YAML, aliases, or not a mapping.
     """
     import yaml
-
-    class NoAliases(yaml.SafeLoader):
-        def compose_node(self, parent, index):
-            if self.check_event(yaml.AliasEvent):
-                mark = self.peek_event().start_mark
-                raise yaml.composer.ComposerError(
-                    None, None, "aliases (*name) are not accepted in a training config", mark
-                )
-            return super().compose_node(parent, index)
 
     try:
         with open(path, "rb") as f:
@@ -272,7 +265,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
             raise TrainConfigError(
                 f"training config {path} is larger than {MAX_YAML_BYTES} bytes: not a config"
             )
-        data = yaml.load(raw.decode("utf-8"), Loader=NoAliases)
+        data = yaml.load(raw.decode("utf-8"), Loader=yaml_loader(aliases=False))
     except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as err:
         reason = " ".join(str(err).split())
         raise TrainConfigError(f"cannot read training config {path}: {reason}") from None
