@@ -396,8 +396,8 @@ void helper(const std::shared_ptr<Shared>& shared, std::thread::id caller) {
 // Rows of input projection computed per chunk of steps (the chunk is this many rows over the
 // batch size, rounded up). Each chunk's projection reads all of w_ih, which at 1024 units pushes
 // w_hh out of a 32 MB L3 cache; the steps after it fetch w_hh from memory again. Measured, 500
-// steps (benchmarks/RESULTS.md): 48 rows cost 6-38 % at 1024 units, batch 1-4; 256 and 384
-// were level with the unchunked projection there and 12-17 % ahead at batch 8-16.
+// steps, two runs (benchmarks/RESULTS.md): against XLA's dot over all steps, 48 rows cost 6-38 %
+// at 1024 units, batch 1-4; 256 rows stayed within 7 % there and gained 4-17 % at batch 16.
 constexpr int64_t kChunkRows = 256;
 
 // One LSTM layer. Inputs x [B, T, C], w_ih and w_hh packed, bias [4, H], h0 and c0 [B, H].
