@@ -254,7 +254,8 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     (`untrusted.yaml_loader`).
 
     Raises:
-        TrainConfigError: unreadable, too large, not YAML, aliases, or not a mapping.
+        TrainConfigError: unreadable, too large, not YAML, nested deeper than
+            `untrusted.MAX_YAML_DEPTH`, aliases, or not a mapping.
     """
     import yaml
 
