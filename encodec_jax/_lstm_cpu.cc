@@ -9,14 +9,14 @@
 // batch 8, against the tiles' 80-90 %. The bias is added in the step, to the projection, as XLA
 // added it before. XLA's dot packs the [H, 4H] recurrent weight on every step (it cannot know
 // the weight is the same each step), so a step moves the weight about three times; here both
-// weights are packed once by the caller (blocks of L units, L the width of one vector
-// register, each two pairs of gates, contraction-major) and every step reads w_hh once per tile
-// of rows, whole cache lines at a time, applying the cell as soon as a block's four gates are
-// summed.
-// The blocks of a step (or of a chunk's projection) are shared between the calling thread and
+// weights are packed once by the caller (units of up to three blocks of L units, L the width of
+// one vector register, gate-major, then contraction-major: see `Unit`) and every step reads
+// w_hh once per tile of rows, whole cache lines at a time, applying the cell as soon as a unit's
+// gates are summed.
+// The units of a step (or of a chunk's projection) are shared between the calling thread and
 // one task on XLA's intra-op pool, half each, and either takes what the other has not claimed,
 // so a step never waits on a thread that has not started: the caller alone can finish every
-// block.
+// unit.
 //
 // There is one entry point per instruction set (AVX-512, AVX2 + FMA, and a generic one), each
 // compiled for it and offered only where the CPU has it. Every sum runs over k in ascending
@@ -147,97 +147,127 @@ struct Step {
 // and writes `[4, hidden]` at `gx + (b * gx_rows + t) * 4 * hidden`.
 struct Projection {
   int64_t batch, steps, hidden, inputs;  // inputs: the contraction length, padded to 16
-  const float* w;  // [H / L, 2, inputs, 2, L]: blocks of L units (L: the kernel's lanes), each
-                   // two pairs of gates (i, f and g, o), contraction-major
+  const float* w;  // packed: see `Unit`
   const float* x;
   int64_t x_stride, gx_rows;
   float* gx;
 };
 
-// sums[g][r] = sum over k < K of in[r][k] * w[gate g, k] for one block of L units, `G` gates (2
-// or 4) per pass over the block's weights `w` ([pair, k, gate in pair, L]), in ascending k with
-// one fused multiply-add per term. A tile's rows x G accumulators, its G weight vectors and a
-// broadcast should fit the registers, and rows x G should be at least 8: a fused multiply-add
+// The packed weights come in units of up to 3 blocks of L units each (L: the kernel's lanes):
+// unit u holds blocks 3u .. 3u + S - 1 (S = 3, or fewer in the last unit) as
+// [gate, k, block in unit, L], gate-major then contraction-major, starting 3u * 4 * K * L floats
+// into the weight. A pass over one gate of a unit reads one stream of S * L floats per k, and a
+// tile of 4 rows sums 4 x 3 = 12 vectors at a time: 12 independent sums keep the two 4-cycle
+// FMA pipes busy where the 8 of 4 rows x 2 gates of one block did not (benchmarks/RESULTS.md).
+constexpr int kBlocksPerUnit = 3;
+
+struct Unit {
+  int64_t index, blocks;  // blocks: S
+  static INLINE Unit of(int64_t index, int64_t hidden_blocks) {
+    return {index, std::min<int64_t>(kBlocksPerUnit, hidden_blocks - index * kBlocksPerUnit)};
+  }
+  template <int L>
+  INLINE const float* weights(const float* w, int64_t K) const {
+    return w + index * kBlocksPerUnit * kGates * K * L;
+  }
+};
+
+// The number of units the `hidden` (a multiple of L) units make.
+template <int L>
+constexpr int64_t units_of(int64_t hidden) {
+  return (hidden / L + kBlocksPerUnit - 1) / kBlocksPerUnit;
+}
+
+// sums[g][s][r] = sum over k < K of in[r][k] * w[gate g, k, block s] for one unit of S blocks, `P`
+// gates (1, 2 or 4) per pass over the unit's weights `w`, in ascending k with one fused
+// multiply-add per term. A tile's rows x P x S accumulators, the weight vectors it keeps and a
+// broadcast should fit the registers, and rows x P x S should be at least 8: a fused multiply-add
 // takes 4 cycles and two issue per cycle, so fewer independent sums leave the FMA units idle.
-template <int L, int rows, int G>
+template <int L, int rows, int P, int S>
 INLINE void gate_sums(const float* w, int64_t K, const float* const (&in)[rows],
-                      typename Lanes<L>::Vec (&sums)[kGates][rows]) {
+                      typename Lanes<L>::Vec (&sums)[kGates][S][rows]) {
   typedef typename Lanes<L>::Vec V;
-  static_assert(G == 2 || G == 4, "a pass sums one pair of gates or both");
-  for (int pass = 0; pass < kGates / G; ++pass) {
-    V acc[G][rows];
-    for (int g = 0; g < G; ++g)
-      for (int r = 0; r < rows; ++r) acc[g][r] = V{};
+  static_assert(P == 1 || P == 2 || P == 4, "a pass sums one gate, two or all four");
+  for (int pass = 0; pass < kGates / P; ++pass) {
+    V acc[P][S][rows];
+    for (int g = 0; g < P; ++g)
+      for (int b = 0; b < S; ++b)
+        for (int r = 0; r < rows; ++r) acc[g][b][r] = V{};
     for (int64_t k = 0; k < K; ++k) {
-      V wk[G];
-      for (int g = 0; g < G; ++g) {
-        const int gate = pass * G + g;
-        wk[g] = load<V>(w + ((gate / 2) * K + k) * 2 * L + (gate % 2) * L);
-      }
+      V wk[P][S];
+      for (int g = 0; g < P; ++g)
+        for (int b = 0; b < S; ++b) wk[g][b] = load<V>(w + (((pass * P + g) * K + k) * S + b) * L);
 #if defined(__x86_64__)
       // Keep the weight vectors in registers, as many as fit beside the accumulators and the
       // broadcast (16 registers below AVX-512, 32 with it). Left alone, GCC folds their loads
       // into every row's multiply-add, one load per FMA, more than the load ports serve (11 %
       // at 3 rows x 4 gates).
       constexpr int registers = L == 16 ? 32 : 16;
-      constexpr int pinned = std::min(G, registers - rows * G - 1);
-      for (int g = 0; g < pinned; ++g) __asm__("" : "+x"(wk[g]));
+      constexpr int pinned = std::max(0, std::min(P * S, registers - rows * P * S - 1));
+      for (int i = 0; i < pinned; ++i) __asm__("" : "+x"(wk[i / S][i % S]));
 #endif
       for (int r = 0; r < rows; ++r) {
         const V xk = splat<V>(in[r][k]);
-        for (int g = 0; g < G; ++g) acc[g][r] += wk[g] * xk;
+        for (int g = 0; g < P; ++g)
+          for (int b = 0; b < S; ++b) acc[g][b][r] += wk[g][b] * xk;
       }
     }
-    for (int g = 0; g < G; ++g)
-      for (int r = 0; r < rows; ++r) sums[pass * G + g][r] = acc[g][r];
+    for (int g = 0; g < P; ++g)
+      for (int b = 0; b < S; ++b)
+        for (int r = 0; r < rows; ++r) sums[pass * P + g][b][r] = acc[g][b][r];
   }
 }
 
-// Up to 3 rows, all four gates in one pass (3 rows x 2 gates would be only 6 independent sums);
-// from 4 rows, a pair of gates per pass.
+// Gates per pass for a tile of `rows` rows: the fewest that give at least 9 sums over a whole
+// unit (4 gates at 1 row, 2 at 2 rows, 1 from 3 rows), each pass a stream of its own.
 template <int rows>
-constexpr int kGatesPerPass = rows <= 3 ? 4 : 2;
+constexpr int kGatesPerPass = rows * kBlocksPerUnit >= 9       ? 1
+                              : rows * 2 * kBlocksPerUnit >= 9 ? 2
+                                                               : 4;
 
-// Rows [b0, b0 + rows) of one step in one block of L units: the gates' sums, then the cell.
+// Rows [b0, b0 + rows) of one step in one unit of S blocks: the gates' sums, then the cell.
 template <int L>
 struct StepRows {
   const Step& s;
-  int64_t block;
+  Unit unit;
 
-  template <int rows>
+  template <int rows, int S>
   INLINE void run(int64_t b0) const {
     typedef typename Lanes<L>::Vec V;
     typedef typename Lanes<L>::IVec IV;
     const int64_t H = s.hidden;
     const float* in[rows];
     for (int r = 0; r < rows; ++r) in[r] = s.h_prev + (b0 + r) * s.h_prev_stride;
-    V sums[kGates][rows];
-    gate_sums<L, rows, kGatesPerPass<rows>>(s.w + block * 2 * H * 2 * L, H, in, sums);
-    const int64_t u = block * L;
+    V sums[kGates][S][rows];
+    gate_sums<L, rows, kGatesPerPass<rows>, S>(unit.weights<L>(s.w, H), H, in, sums);
     for (int r = 0; r < rows; ++r) {
       const int64_t b = b0 + r;
-      V pre[kGates];
-      for (int g = 0; g < kGates; ++g) {
-        const int64_t at = g * H + u;
-        pre[g] = (load<V>(s.gx + b * s.gx_stride + at) + load<V>(s.bias + at)) + sums[g][r];
-        if (s.gates) store(s.gates + b * s.gates_stride + at, pre[g]);
+      for (int block = 0; block < S; ++block) {
+        const int64_t u = (unit.index * kBlocksPerUnit + block) * L;
+        V pre[kGates];
+        for (int g = 0; g < kGates; ++g) {
+          const int64_t at = g * H + u;
+          const V projected = load<V>(s.gx + b * s.gx_stride + at) + load<V>(s.bias + at);
+          pre[g] = projected + sums[g][block][r];
+          if (s.gates) store(s.gates + b * s.gates_stride + at, pre[g]);
+        }
+        const V c_prev = load<V>(s.c_prev + b * s.c_prev_stride + u);
+        const V c =
+            vsigmoid<V, IV>(pre[1]) * c_prev + vsigmoid<V, IV>(pre[0]) * vtanh<V, IV>(pre[2]);
+        store(s.c + b * s.c_stride + u, c);
+        store(s.h + b * s.h_stride + u, vsigmoid<V, IV>(pre[3]) * vtanh<V, IV>(c));
       }
-      const V c_prev = load<V>(s.c_prev + b * s.c_prev_stride + u);
-      const V c =
-          vsigmoid<V, IV>(pre[1]) * c_prev + vsigmoid<V, IV>(pre[0]) * vtanh<V, IV>(pre[2]);
-      store(s.c + b * s.c_stride + u, c);
-      store(s.h + b * s.h_stride + u, vsigmoid<V, IV>(pre[3]) * vtanh<V, IV>(c));
     }
   }
 };
 
-// Rows [r0, r0 + rows) of a projection in one block of L units.
+// Rows [r0, r0 + rows) of a projection in one unit of S blocks.
 template <int L>
 struct ProjectionRows {
   const Projection& p;
-  int64_t block;
+  Unit unit;
 
-  template <int rows>
+  template <int rows, int S>
   INLINE void run(int64_t r0) const {
     typedef typename Lanes<L>::Vec V;
     const float* in[rows];
@@ -245,30 +275,36 @@ struct ProjectionRows {
     for (int r = 0; r < rows; ++r) {
       const int64_t b = (r0 + r) / p.steps, t = (r0 + r) % p.steps;
       in[r] = p.x + b * p.x_stride + t * p.inputs;
-      out[r] = p.gx + (b * p.gx_rows + t) * kGates * p.hidden + block * L;
+      out[r] = p.gx + (b * p.gx_rows + t) * kGates * p.hidden + unit.index * kBlocksPerUnit * L;
     }
-    V sums[kGates][rows];
-    gate_sums<L, rows, kGatesPerPass<rows>>(p.w + block * 2 * p.inputs * 2 * L, p.inputs, in, sums);
+    V sums[kGates][S][rows];
+    gate_sums<L, rows, kGatesPerPass<rows>, S>(unit.weights<L>(p.w, p.inputs), p.inputs, in, sums);
     for (int r = 0; r < rows; ++r)
-      for (int g = 0; g < kGates; ++g) store(out[r] + g * p.hidden, sums[g][r]);
+      for (int g = 0; g < kGates; ++g)
+        for (int block = 0; block < S; ++block)
+          store(out[r] + g * p.hidden + block * L, sums[g][block][r]);
   }
 };
 
 // One tile of `rows` rows from `first`, 1 <= rows <= max_rows, as the instance compiled for
-// that many.
+// that many rows and the unit's number of blocks.
 template <int max_rows, typename Rows>
 INLINE void tile(const Rows& tile_rows, int64_t first, int64_t rows) {
   if constexpr (max_rows > 0) {
-    if (rows == max_rows)
-      tile_rows.template run<max_rows>(first);
-    else
+    if (rows != max_rows)
       tile<max_rows - 1>(tile_rows, first, rows);
+    else if (tile_rows.unit.blocks == 3)
+      tile_rows.template run<max_rows, 3>(first);
+    else if (tile_rows.unit.blocks == 2)
+      tile_rows.template run<max_rows, 2>(first);
+    else
+      tile_rows.template run<max_rows, 1>(first);
   }
 }
 
-// `n` rows of one block, in as few tiles of at most `max_rows` as there can be, their sizes as
-// even as they can be (16 rows in tiles of 6: 6 + 5 + 5): every tile is one pass over the
-// block's weights, and a small tile does little work for its pass.
+// `n` rows of one unit, in as few tiles of at most `max_rows` as there can be, their sizes as
+// even as they can be (9 rows in tiles of 4: 3 + 3 + 3): every tile is one pass over the
+// unit's weights, and a small tile does little work for its pass.
 template <int max_rows, typename Rows>
 INLINE void run_tiles(const Rows& tile_rows, int64_t n) {
   const int64_t tiles = (n + max_rows - 1) / max_rows;
@@ -288,43 +324,43 @@ struct Job {
 };
 
 template <int L, int max_rows>
-INLINE void run_job_block(const Job& job, int64_t block) {
+INLINE void run_job_unit(const Job& job, int64_t unit) {
   if (job.projection)
-    run_tiles<max_rows>(ProjectionRows<L>{job.project, block},
+    run_tiles<max_rows>(ProjectionRows<L>{job.project, Unit::of(unit, job.project.hidden / L)},
                         job.project.batch * job.project.steps);
   else
-    run_tiles<max_rows>(StepRows<L>{job.step, block}, job.step.batch);
+    run_tiles<max_rows>(StepRows<L>{job.step, Unit::of(unit, job.step.hidden / L)},
+                        job.step.batch);
 }
 
-typedef void (*BlockFn)(const Job&, int64_t);
+typedef void (*UnitFn)(const Job&, int64_t);
 
 // One entry point per instruction set, each with the block width and largest row tile that fit
 // its registers (measured: benchmarks/RESULTS.md); the extension offers those the running CPU
 // has. All sum in the same order, and the two with FMA give the same bits.
 #if defined(__x86_64__)
-// 32 registers: tiles of up to 8 rows (16 accumulators), so batch 8 is one pass, 16 two.
+// 32 registers: tiles of up to 8 rows (24 accumulators), so batch 8 is one pass, 16 two.
 struct Avx512 {
   static constexpr int lanes = 16;
-  __attribute__((target("avx512f,avx2,fma"))) static void run_block(const Job& job,
-                                                                     int64_t block) {
-    run_job_block<lanes, 8>(job, block);
+  __attribute__((target("avx512f,avx2,fma"))) static void run_unit(const Job& job, int64_t unit) {
+    run_job_unit<lanes, 8>(job, unit);
   }
 };
 
-// 16 registers: 6 rows x 2 gates of accumulators, 2 weight vectors and a broadcast.
+// 16 registers: 4 rows x 3 blocks of accumulators, 3 weight vectors and a broadcast.
 struct Avx2 {
   static constexpr int lanes = 8;
-  __attribute__((target("avx2,fma"))) static void run_block(const Job& job, int64_t block) {
-    run_job_block<lanes, 6>(job, block);
+  __attribute__((target("avx2,fma"))) static void run_unit(const Job& job, int64_t unit) {
+    run_job_unit<lanes, 4>(job, unit);
   }
 };
 #endif
 
-// Tiles of 2 rows x 4 gates: under SSE2 (no FMA: a product needs a register and an addition of
-// its own) tiles of 4 rows x 2 gates ran 9-17 % slower at 1024 units.
+// Tiles of up to 2 rows: under SSE2 (no FMA: a product needs a register and an addition of its
+// own) larger tiles spill.
 struct Generic {
   static constexpr int lanes = 4;
-  static void run_block(const Job& job, int64_t block) { run_job_block<lanes, 2>(job, block); }
+  static void run_unit(const Job& job, int64_t unit) { run_job_unit<lanes, 2>(job, unit); }
 };
 
 // A counter alone on its cache line, so that the two threads' counters do not share one.
@@ -332,15 +368,15 @@ struct alignas(64) Counter {
   std::atomic<int64_t> value{0};
 };
 
-// The blocks of a job are split in two halves, one per thread (0: the caller, 1: its helper).
-// Each thread claims its own half's blocks from its own counter, a cache line no other thread
+// The units of a job are split in two halves, one per thread (0: the caller, 1: its helper).
+// Each thread claims its own half's units from its own counter, a cache line no other thread
 // touches, and then takes what is left of the other half, so the caller can still finish a job
-// alone. A shared counter for every block moved its cache line between the cores once per block
-// (tens of them per step); this way each thread works on the same blocks job after job, keeps
-// its counter's cache line, and reports its blocks once per job (4-10 % on the recurrence).
+// alone. A shared counter for every unit moved its cache line between the cores once per unit
+// (tens of them per step); this way each thread works on the same units job after job, keeps
+// its counter's cache line, and reports its units once per job (4-10 % on the recurrence).
 struct JobSync {
-  Counter next[2];  // next block to claim in each half, counted from the half's start
-  Counter done;     // blocks finished
+  Counter next[2];  // next unit to claim in each half, counted from the half's start
+  Counter done;     // units finished
 };
 
 // What the calling thread and its helper task share. The helper holds it by shared_ptr, so it
@@ -353,22 +389,22 @@ struct Shared {
   std::atomic<bool> finished{false};
   std::vector<float> gx;     // the projection of the steps being run, [B, chunk, 4, H]
   std::vector<float> cells;  // two steps' cell states, alternating, when only the last is returned
-  int64_t blocks = 0;
-  BlockFn run_block = nullptr;
+  int64_t units = 0;
+  UnitFn run_unit = nullptr;
 };
 
-// Runs blocks of job j until none is left to claim: thread `me`'s own half first, then the other.
+// Runs units of job j until none is left to claim: thread `me`'s own half first, then the other.
 void work_on(Shared& shared, int64_t j, int me) {
   JobSync& sync = shared.sync[j];
-  const int64_t half = (shared.blocks + 1) / 2;
+  const int64_t half = (shared.units + 1) / 2;
   int64_t finished = 0;
   for (const int owner : {me, 1 - me}) {
     const int64_t start = owner == 0 ? 0 : half;
-    const int64_t count = owner == 0 ? half : shared.blocks - half;
+    const int64_t count = owner == 0 ? half : shared.units - half;
     for (;;) {
       const int64_t i = sync.next[owner].value.fetch_add(1, std::memory_order_relaxed);
       if (i >= count) break;
-      shared.run_block(shared.jobs[j], start + i);
+      shared.run_unit(shared.jobs[j], start + i);
       ++finished;
     }
   }
@@ -433,8 +469,8 @@ ffi::Error lstm_layer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t chunk = std::min(T, (kChunkRows + B - 1) / B);
   const int64_t chunks = (T + chunk - 1) / chunk;
   auto shared = std::make_shared<Shared>(static_cast<size_t>(T + chunks));
-  shared->blocks = H / Kernel::lanes;
-  shared->run_block = Kernel::run_block;
+  shared->units = units_of<Kernel::lanes>(H);
+  shared->run_unit = Kernel::run_unit;
   shared->gx.resize(B * chunk * kGates * H);
   if (!training) shared->cells.resize(2 * B * H);
   const Step* previous = nullptr;
@@ -480,14 +516,14 @@ ffi::Error lstm_layer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     previous = &s;
   }
   // One helper is worth its scheduling (a few microseconds) when a step has real work.
-  if (pool.num_threads() > 1 && shared->blocks > 1 && B * H * H >= (1 << 18))
+  if (pool.num_threads() > 1 && shared->units > 1 && B * H * H >= (1 << 18))
     pool.Schedule([shared, caller = std::this_thread::get_id()] { helper(shared, caller); });
   const int64_t jobs = static_cast<int64_t>(shared->jobs.size());
   for (int64_t j = 0; j < jobs; ++j) {
     shared->published.store(j, std::memory_order_release);
     work_on(*shared, j, 0);
     wait_until([&] {
-      return shared->sync[j].done.value.load(std::memory_order_acquire) == shared->blocks;
+      return shared->sync[j].done.value.load(std::memory_order_acquire) == shared->units;
     });
   }
   shared->finished.store(true, std::memory_order_release);

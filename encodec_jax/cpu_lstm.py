@@ -27,6 +27,7 @@ except ImportError:  # not compiled: ops falls back to the scan
 
 TARGET = "encodec_jax_lstm_layer"
 PAD_TO = 16  # the hidden size runs padded to a multiple of the widest kernel's blocks
+UNIT_BLOCKS = 3  # blocks per unit of the packed weights (`kBlocksPerUnit` in the kernel)
 
 # The kernel's entry points this CPU runs, fastest first ("avx512", "avx2", "generic"), each with
 # the width of its blocks of units (one vector register: 16, 8, 4): the extension checks the
@@ -52,20 +53,35 @@ def padded(hidden: int) -> int:
     return -(-hidden // PAD_TO) * PAD_TO
 
 
+def packed_shape(contraction: int, hidden: int, kernel: str | None = None) -> tuple[int, int]:
+    """The shape of a weight with `contraction` inputs per gate and `hidden` units once `pack`ed
+    for `kernel`: `(4 * padded(contraction) * padded(hidden) / L, L)`, `L` its block width."""
+    _, lanes = _lanes(kernel)
+    return 4 * padded(contraction) * padded(hidden) // lanes, lanes
+
+
 def pack(w_t: jax.Array, kernel: str | None = None) -> jax.Array:
     """An LSTM weight, input `[C, 4H]` or recurrent `[H, 4H]` (gate order i, f, g, o), laid out
-    for `kernel` (default: the fastest): `[H' / L, 2, C', 2, L]` (`H'`, `C'`: `padded(H)`,
-    `padded(C)`; `L` its block width), block `u` holding units `L u .. L u + L - 1` as two pairs
-    of gates (i, f and g, o), each contraction-major with the pair's two gates side by side, so
-    the kernel's pass over a pair reads one stream of whole cache lines. Padding has zero
+    for `kernel` (default: the fastest), `packed_shape(C, H)`. The `padded(H)` units come in
+    blocks of `L` (the kernel's block width) and the blocks in units of three (the last unit may
+    hold fewer); unit `n` is `[4, padded(C), S, L]` (gate, input, block in the unit, lane), so a
+    pass over one gate of a unit reads one stream of whole cache lines. Padding has zero
     weights, so padded units stay at zero and add nothing to the real units' sums."""
     _, lanes = _lanes(kernel)
     contraction, hidden = w_t.shape[0], w_t.shape[1] // 4
     size, k_size = padded(hidden), padded(contraction)
-    w = w_t.reshape(contraction, 4, hidden)  # [k, gate, unit]
-    w = jnp.pad(w, ((0, k_size - contraction), (0, 0), (0, size - hidden)))
-    w = w.reshape(k_size, 2, 2, size // lanes, lanes)  # [k, pair, gate in pair, block, lane]
-    return w.transpose(3, 1, 0, 2, 4)
+    blocks = size // lanes
+    # Callers hold the weight transposed from PyTorch's `[4H, C]`; `.T` gives it back, and XLA
+    # cancels the two transposes.
+    w = w_t.T.reshape(4, hidden, contraction)  # [gate, unit, k]
+    w = jnp.pad(w, ((0, 0), (0, size - hidden), (0, k_size - contraction)))
+    w = w.reshape(4, blocks, lanes, k_size)  # [gate, block, lane, k]
+    full = blocks // UNIT_BLOCKS
+    units = w[:, : full * UNIT_BLOCKS].reshape(4, full, UNIT_BLOCKS, lanes, k_size)
+    parts = [units.transpose(1, 0, 4, 2, 3).reshape(-1)]  # [unit, gate, k, block in unit, lane]
+    if blocks % UNIT_BLOCKS:  # the last unit, of fewer blocks
+        parts.append(w[:, full * UNIT_BLOCKS :].transpose(0, 3, 1, 2).reshape(-1))
+    return jnp.concatenate(parts).reshape(packed_shape(contraction, hidden, kernel))
 
 
 def layer(
@@ -91,8 +107,8 @@ def layer(
         gates = jnp.zeros((batch, 0, 4 * hidden), jnp.float32)
         return empty, c0, (empty if training else None), (gates if training else None)
     size, channels_size = padded(hidden), padded(channels)
-    for name, weight, k in (("w_ih", packed[0], channels_size), ("w_hh", packed[1], size)):
-        expected = (size // lanes, 2, k, 2, lanes)
+    for name, weight, k in (("w_ih", packed[0], channels), ("w_hh", packed[1], hidden)):
+        expected = packed_shape(k, hidden, kernel)
         if weight.shape != expected:
             raise ValueError(
                 f"packed {name} of shape {weight.shape}: the {kernel!r} kernel takes "

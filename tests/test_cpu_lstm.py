@@ -106,10 +106,12 @@ def test_the_cpu_picks_its_kernels():
         (0, 2, 16, 16),
         (60, 5, 16, 16),
     ],
-)  # every register tile of 1-8 rows (all four gates per pass up to 3 rows, a pair from 4) and
-# batches split into several (AVX2: 7 = 4 + 3, 9 = 5 + 4, 16 = 6 + 5 + 5, 17 = 6 + 6 + 5);
-# hidden 20, 33 and inputs 5, 8, 20, 40: padded to 32, 48, 16, 16, 32, 48; 60 steps x 5 rows:
-# the input projection in two chunks (52 + 8 steps)
+)  # every register tile of 1-8 rows (four gates per pass at 1 row, two at 2, one from 3) and
+# batches split into several (AVX2, tiles of up to 4: 5 = 3 + 2, 7 = 4 + 3, 9 = 3 + 3 + 3,
+# 17 = 4 + 4 + 3 + 3 + 3; AVX-512, up to 8: 9 = 5 + 4, 17 = 6 + 6 + 5); hidden 20, 33 and
+# inputs 5, 8, 20, 40: padded to 32, 48, 16, 16, 32, 48; hidden 16, 32, 48 make units of 2,
+# 3 + 1 and 3 + 3 blocks of 8 (of 4: 3 + 1, 3 + 3 + 2, 3 + 3 + 3 + 3); 60 steps x 5 rows: the
+# input projection in two chunks (52 + 8 steps)
 def test_kernel_matches_a_float64_lstm(steps, batch, hidden, inputs, kernel):
     rng = np.random.default_rng(steps * 100 + batch)
     problem = _problem(rng, steps, batch, hidden, inputs=inputs)
