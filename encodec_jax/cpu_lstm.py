@@ -26,18 +26,20 @@ except ImportError:  # not compiled: ops falls back to the scan
     _lstm_cpu = None
 
 TARGET = "encodec_jax_lstm_layer"
+PACK_TARGET = "encodec_jax_lstm_pack"
 PAD_TO = 16  # the hidden size runs padded to a multiple of the widest kernel's blocks
-UNIT_BLOCKS = 3  # blocks per unit of the packed weights (`kBlocksPerUnit` in the kernel)
 
 # The kernel's entry points this CPU runs, fastest first ("avx512", "avx2", "generic"), each with
 # the width of its blocks of units (one vector register: 16, 8, 4): the extension checks the
 # CPU's instruction sets when it loads. All sum in the same order; the two with fused
-# multiply-adds give the same bits.
-_ENTRY_POINTS: dict = dict(_lstm_cpu.kernels) if _lstm_cpu is not None else {}
+# multiply-adds give the same bits. Each has its layer and its packing of the weights.
+_ENTRY_POINTS: dict = {}
+for _name, (_layer, _pack, _width) in (_lstm_cpu.kernels if _lstm_cpu else {}).items():
+    jax.ffi.register_ffi_target(f"{TARGET}_{_name}", _layer, platform="cpu")
+    jax.ffi.register_ffi_target(f"{PACK_TARGET}_{_name}", _pack, platform="cpu")
+    _ENTRY_POINTS[_name] = (_layer, _width)
 KERNELS: tuple[str, ...] = tuple(_ENTRY_POINTS)
 available = bool(KERNELS)
-for _name, (_handler, _) in _ENTRY_POINTS.items():
-    jax.ffi.register_ffi_target(f"{TARGET}_{_name}", _handler, platform="cpu")
 
 
 def _lanes(kernel: str | None) -> tuple[str, int]:
@@ -67,21 +69,16 @@ def pack(w_t: jax.Array, kernel: str | None = None) -> jax.Array:
     hold fewer); unit `n` is `[4, padded(C), S, L]` (gate, input, block in the unit, lane), so a
     pass over one gate of a unit reads one stream of whole cache lines. Padding has zero
     weights, so padded units stay at zero and add nothing to the real units' sums."""
-    _, lanes = _lanes(kernel)
+    kernel, _ = _lanes(kernel)
     contraction, hidden = w_t.shape[0], w_t.shape[1] // 4
-    size, k_size = padded(hidden), padded(contraction)
-    blocks = size // lanes
-    # Callers hold the weight transposed from PyTorch's `[4H, C]`; `.T` gives it back, and XLA
-    # cancels the two transposes.
-    w = w_t.T.reshape(4, hidden, contraction)  # [gate, unit, k]
-    w = jnp.pad(w, ((0, 0), (0, size - hidden), (0, k_size - contraction)))
-    w = w.reshape(4, blocks, lanes, k_size)  # [gate, block, lane, k]
-    full = blocks // UNIT_BLOCKS
-    units = w[:, : full * UNIT_BLOCKS].reshape(4, full, UNIT_BLOCKS, lanes, k_size)
-    parts = [units.transpose(1, 0, 4, 2, 3).reshape(-1)]  # [unit, gate, k, block in unit, lane]
-    if blocks % UNIT_BLOCKS:  # the last unit, of fewer blocks
-        parts.append(w[:, full * UNIT_BLOCKS :].transpose(0, 3, 1, 2).reshape(-1))
-    return jnp.concatenate(parts).reshape(packed_shape(contraction, hidden, kernel))
+    # The custom call reads PyTorch's `[4H, C]` layout: callers hold the weight transposed from
+    # it, and XLA cancels the two transposes.
+    call = jax.ffi.ffi_call(
+        f"{PACK_TARGET}_{kernel}",
+        jax.ShapeDtypeStruct(packed_shape(contraction, hidden, kernel), jnp.float32),
+        vmap_method="sequential",
+    )
+    return call(w_t.T, hidden=padded(hidden), inputs=padded(contraction))
 
 
 def layer(

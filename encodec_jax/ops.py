@@ -239,8 +239,10 @@ def lstm_scan(
 
 def lstm_packed_weights(w_ih_t: jax.Array, w_hh_t: jax.Array) -> tuple[jax.Array, jax.Array] | None:
     """The weights `[C, 4H]` and `[H, 4H]` laid out for the CPU kernel (`cpu_lstm.pack`), or
-    None where the layer will run as a scan (no kernel compiled, or not a CPU backend)."""
-    if cpu_lstm.available and jax.default_backend() == "cpu":
+    None where the layer will run as a scan (no kernel compiled, not a CPU backend, or not
+    float32)."""
+    float32 = w_ih_t.dtype == w_hh_t.dtype == jnp.float32
+    if cpu_lstm.available and jax.default_backend() == "cpu" and float32:
         return cpu_lstm.pack(w_ih_t), cpu_lstm.pack(w_hh_t)
     return None
 

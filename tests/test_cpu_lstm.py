@@ -88,6 +88,35 @@ def test_the_cpu_picks_its_kernels():
             cpu_lstm.layer(x, packed, bias, state, False, kernel)
 
 
+def _packed_reference(w_t, lanes):
+    """`cpu_lstm.pack`'s layout from its docstring, in NumPy: the padded units in blocks of
+    `lanes`, the blocks in units of three (the last may hold fewer), each `[gate, input, block in
+    the unit, lane]`, the units one after another."""
+    contraction, hidden = w_t.shape[0], w_t.shape[1] // 4
+    size, k_size = cpu_lstm.padded(hidden), cpu_lstm.padded(contraction)
+    w = np.zeros((k_size, 4, size), np.float32)  # [input, gate, unit], zero where padded
+    w[:contraction, :, :hidden] = w_t.reshape(contraction, 4, hidden)
+    blocks = size // lanes
+    units = []
+    for first in range(0, blocks, 3):
+        unit = w[:, :, first * lanes : min(first + 3, blocks) * lanes]  # [input, gate, S * lanes]
+        units.append(unit.transpose(1, 0, 2).reshape(-1))
+    return np.concatenate(units).reshape(-1, lanes)
+
+
+@pytest.mark.parametrize("kernel", cpu_lstm.KERNELS)
+@pytest.mark.parametrize("inputs, hidden", [(3, 5), (16, 16), (20, 33), (40, 48), (512, 80)])
+def test_pack_lays_out_the_weight_as_documented(inputs, hidden, kernel):
+    """Units of three blocks and a shorter last one (hidden 16, 33, 80: 2, 3 or 4, 5 or 10 blocks
+    of 8), padded inputs and units zero, under jit and from the transposed weight as callers
+    hold it."""
+    w_t = np.random.default_rng(inputs).standard_normal((inputs, 4 * hidden)).astype(np.float32)
+    _, lanes = cpu_lstm._lanes(kernel)
+    got = jax.jit(cpu_lstm.pack, static_argnames="kernel")(w_t, kernel=kernel)
+    assert got.shape == cpu_lstm.packed_shape(inputs, hidden, kernel)
+    np.testing.assert_array_equal(got, _packed_reference(w_t, lanes))
+
+
 @pytest.mark.parametrize("kernel", cpu_lstm.KERNELS)
 @pytest.mark.parametrize(
     "steps, batch, hidden, inputs",
