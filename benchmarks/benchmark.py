@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 _REUSE_FREED_MEMORY = False  # --reuse-freed-memory took effect
+# Where transformers runs: "cuda" when JAX runs on a GPU (a GPU against a CPU measures nothing).
+_TORCH_DEVICE = "cpu"
 
 PRESET_NAMES = {"24khz": "ENCODEC_24KHZ", "32khz": "ENCODEC_32KHZ", "48khz": "ENCODEC_48KHZ"}
 
@@ -53,13 +55,14 @@ def build_pair(name: str, directory: Path):
     return config, reference, EncodecModel.from_pretrained(directory)
 
 
-def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    """This machine's float32 matmul rate through XLA, in FLOP/s (median of repeats)."""
+def matmul_rate(n: int = 2048, repeats: int = 5, precision: str = "highest") -> float:
+    """This machine's float32 matmul rate through XLA at `precision` (the codec's default is
+    "highest"; a GPU's "default" is TF32), in FLOP/s (median of repeats)."""
     import jax
     import jax.numpy as jnp
 
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
-    f = jax.jit(lambda a: a @ a)
+    f = jax.jit(lambda a: jnp.matmul(a, a, precision=precision))
     f(a).block_until_ready()
     times = []
     for _ in range(repeats):
@@ -82,14 +85,20 @@ def run_jax(model, x: np.ndarray, bandwidth: float):
 
 
 def run_torch(model, x: np.ndarray, bandwidth: float):
+    """Like `run_jax`: the input's copy to the device is timed, the output stays there."""
     import torch
 
-    xt = torch.from_numpy(x)
+    def sync():
+        if _TORCH_DEVICE == "cuda":
+            torch.cuda.synchronize()
+
     with torch.no_grad():
         start = time.perf_counter()
-        enc = model.encode(xt, bandwidth=bandwidth)
+        enc = model.encode(torch.from_numpy(x).to(_TORCH_DEVICE), bandwidth=bandwidth)
+        sync()
         mid = time.perf_counter()
         model.decode(enc.audio_codes, enc.audio_scales, last_frame_pad_length=enc[2])
+        sync()
     return mid - start, time.perf_counter() - mid
 
 
@@ -219,18 +228,33 @@ def encoder_flops(model, x: np.ndarray) -> float:
 
 
 def peak_memory(impl: str, name: str, batch: int, seconds: float, directory: str) -> float:
-    """Peak resident memory (GiB) of one encode + decode in a fresh child process."""
+    """Peak memory (GiB) of one encode + decode in a fresh child process: resident memory on the
+    CPU, the framework's peak device allocation on a GPU."""
     here = str(Path(__file__).parent)
     reuse = "import encodec_jax; encodec_jax.reuse_freed_memory(); " if _REUSE_FREED_MEMORY else ""
     code = (
         f"{reuse}import sys; sys.path.insert(0, {here!r}); import benchmark as b; "
+        f"b._TORCH_DEVICE = {_TORCH_DEVICE!r}; "
         f"b._memory_child({impl!r}, {name!r}, {batch}, {seconds!r}, {directory!r}); "
-        "print(b.peak_rss_kib())"
+        f"print(b.peak_kib({impl!r}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     return int(out.strip().splitlines()[-1]) / 2**20
+
+
+def peak_kib(impl: str) -> int:
+    """This process's peak memory where `impl` ran: device memory on a GPU, else resident."""
+    if _TORCH_DEVICE == "cuda" and impl == "torch":
+        import torch
+
+        return torch.cuda.max_memory_allocated() // 1024
+    if _TORCH_DEVICE == "cuda" and impl == "jax":
+        import jax
+
+        return jax.devices()[0].memory_stats()["peak_bytes_in_use"] // 1024
+    return peak_rss_kib()
 
 
 def peak_rss_kib() -> int:
@@ -256,7 +280,7 @@ def _memory_child(impl: str, name: str, batch: int, seconds: float, directory: s
     else:
         import transformers
 
-        model = transformers.EncodecModel.from_pretrained(directory).eval()
+        model = transformers.EncodecModel.from_pretrained(directory).eval().to(_TORCH_DEVICE)
         run_torch(model, x, bandwidth)
 
 
@@ -266,18 +290,29 @@ def _audio(batch: int, config, seconds: float) -> np.ndarray:
     return (0.1 * rng.standard_normal(shape)).astype(np.float32)
 
 
-def bench(name: str, batch: int, seconds: float, repeats: int, rate: float) -> dict:
+def bench(
+    name: str,
+    batch: int,
+    seconds: float,
+    repeats: int,
+    rate: float,
+    precision: str = "highest",
+    with_memory: bool = True,
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         config, reference, model = build_pair(name, Path(tmp))
+        model.settings = model.settings.replace(matmul_precision=precision)
+        reference.to(_TORCH_DEVICE)
         x = _audio(batch, config, seconds)
         bandwidth = config.target_bandwidths[-1]
         start = time.perf_counter()
         run_jax(model, x, bandwidth)
         first_call = time.perf_counter() - start
         ort_codec = None
-        if export_onnx(reference, x, bandwidth, Path(tmp)):
+        # ONNX Runtime's CPU build only: against encodec-jax on a GPU it would measure nothing.
+        if _TORCH_DEVICE == "cpu" and export_onnx(reference, x, bandwidth, Path(tmp)):
             ort_codec = OrtCodec(Path(tmp))
-            codes_identical = _same_codes(model, reference, ort_codec, x, bandwidth)
+        codes_identical = _same_codes(model, reference, ort_codec, x, bandwidth)
         # Each implementation timed in its own block after a warm-up call, not interleaved
         # repeat by repeat: the first encodec-jax call after an ONNX Runtime run measured 1.7-2x
         # slower than the next one (32 kHz, 4 x 10 s: 3.3-3.9 s, then 1.7-2.2 s), ONNX Runtime's
@@ -307,7 +342,7 @@ def bench(name: str, batch: int, seconds: float, repeats: int, rate: float) -> d
             embed(model, x)[0].block_until_ready()
             embed_times.append(time.perf_counter() - start)
         memory = {
-            impl: peak_memory(impl, name, batch, seconds, tmp)
+            impl: peak_memory(impl, name, batch, seconds, tmp) if with_memory else float("nan")
             for impl in ("jax", "torch", "ort")
             if impl != "ort" or ort_codec
         }
@@ -328,6 +363,7 @@ def bench(name: str, batch: int, seconds: float, repeats: int, rate: float) -> d
         "peak_mem_gib": memory["jax"],
         "transformers_peak_mem_gib": memory["torch"],
         "encoder_matmul_share": flops / med(embed_times) / rate,
+        "codes_identical": codes_identical,
     }
     if ort_codec:
         ort_enc, ort_dec = (med(t) for t in times["ort"])
@@ -337,24 +373,20 @@ def bench(name: str, batch: int, seconds: float, repeats: int, rate: float) -> d
             encode_ratio_ort=ort_enc / jax_enc,
             decode_ratio_ort=ort_dec / jax_dec,
             ort_peak_mem_gib=memory["ort"],
-            codes_identical=codes_identical,
         )
     return result
 
 
-def _same_codes(model, reference, ort_codec: OrtCodec, x: np.ndarray, bandwidth: float) -> bool:
-    """Whether encodec-jax, transformers and ONNX Runtime give the same codes for `x`."""
+def _same_codes(model, reference, ort_codec, x: np.ndarray, bandwidth: float) -> bool:
+    """Whether encodec-jax, transformers and ONNX Runtime (where it runs) give the same codes."""
     import torch
 
     jax_codes = np.asarray(model.encode(x, bandwidth=bandwidth).audio_codes)
     with torch.no_grad():
-        torch_codes = reference.encode(torch.from_numpy(x), bandwidth=bandwidth)[0].numpy()
-    ort_codes = ort_codec.encode(x)[0]
-    return bool(
-        jax_codes.shape == torch_codes.shape == ort_codes.shape
-        and (jax_codes == torch_codes).all()
-        and (ort_codes == torch_codes).all()
-    )
+        xt = torch.from_numpy(x).to(_TORCH_DEVICE)
+        torch_codes = reference.encode(xt, bandwidth=bandwidth)[0].cpu().numpy()
+    others = [torch_codes] + ([ort_codec.encode(x)[0]] if ort_codec else [])
+    return all(c.shape == jax_codes.shape and (c == jax_codes).all() for c in others)
 
 
 def main() -> None:
@@ -368,10 +400,21 @@ def main() -> None:
         "--memory-only", action="store_true", help="only the peak memory of each implementation"
     )
     parser.add_argument(
+        "--no-memory", action="store_true", help="skip the peak memory (its child processes)"
+    )
+    parser.add_argument(
         "--reuse-freed-memory",
         action="store_true",
         help="the whole process (all three implementations, and the memory children) runs with "
         "encodec_jax.reuse_freed_memory(), as the encodec-jax command does",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("highest", "default"),
+        default="highest",
+        help="on a GPU: 'highest' runs both in full float32 (transformers with TF32 off), "
+        "'default' lets both use TF32 (encodec-jax's matmul_precision='default', torch's "
+        "allow_tf32), whose codes are not expected to agree; the CPU has no TF32",
     )
     args = parser.parse_args()
     if args.reuse_freed_memory:
@@ -382,6 +425,15 @@ def main() -> None:
 
     import jax
     import torch
+
+    global _TORCH_DEVICE
+    if jax.default_backend() == "gpu":
+        if not torch.cuda.is_available():
+            raise SystemExit("JAX runs on a GPU but torch sees none: nothing to compare against")
+        _TORCH_DEVICE = "cuda"
+        tf32 = args.precision == "default"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
 
     if args.memory_only:
         for name in args.models:
@@ -405,24 +457,32 @@ def main() -> None:
         return
     from encodec_jax import cpu_lstm
 
-    rate = matmul_rate()
+    # A GPU needs a larger product to reach its rate than the CPU's 2048.
+    rate = matmul_rate(8192 if _TORCH_DEVICE == "cuda" else 2048, precision=args.precision)
     device = jax.devices()[0]
+    torch_on = (
+        f"{torch.cuda.get_device_name()} (TF32 {'on' if args.precision == 'default' else 'off'})"
+        if _TORCH_DEVICE == "cuda"
+        else f"the CPU with {torch.get_num_threads()} threads"
+    )
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"jax {jax.__version__} on {device.platform} ({device.device_kind}), torch "
-        f"{torch.__version__} with {torch.get_num_threads()} threads; float32 matmul rate "
+        f"jax {jax.__version__} on {device.platform} ({device.device_kind}), matmul precision "
+        f"{args.precision}, torch {torch.__version__} on {torch_on}; float32 matmul rate "
         f"{rate / 1e9:.1f} GFLOP/s; LSTM kernel {(cpu_lstm.KERNELS or ('none',))[0]}"
     )
     header = (
         f"{'model':7} {'batch':10} {'enc xRT':>8} {'vs HF':>6} {'dec xRT':>8} {'vs HF':>6} "
         f"{'HF enc':>7} {'HF dec':>7} {'compile s':>9} {'mem GiB':>7} {'HF GiB':>6} "
-        f"{'matmul %':>8} {'ORT enc':>7} {'vs ORT':>6} {'ORT dec':>7} {'vs ORT':>6} "
-        f"{'ORT GiB':>7} codes"
+        f"{'matmul %':>8} {'codes':9} {'ORT enc':>7} {'vs ORT':>6} {'ORT dec':>7} {'vs ORT':>6} "
+        f"{'ORT GiB':>7}"
     )
     print(header)
     results = []
     for name in args.models:
-        r = bench(name, args.batch, args.seconds, args.repeats, rate)
+        r = bench(
+            name, args.batch, args.seconds, args.repeats, rate, args.precision, not args.no_memory
+        )
         results.append(r)
         print(
             f"{r['model']:7} {r['batch']:10} {r['encode_x_realtime']:8.1f} "
@@ -430,12 +490,12 @@ def main() -> None:
             f"{r['transformers_encode_x_realtime']:7.1f} "
             f"{r['transformers_decode_x_realtime']:7.1f} {r['first_call_s']:9.1f} "
             f"{r['peak_mem_gib']:7.2f} {r['transformers_peak_mem_gib']:6.2f} "
-            f"{100 * r['encoder_matmul_share']:7.0f}%"
+            f"{100 * r['encoder_matmul_share']:7.0f}% "
+            f"{'identical' if r['codes_identical'] else 'DIFFER':9}"
             + (
                 f" {r['ort_encode_x_realtime']:7.1f} {r['encode_ratio_ort']:5.2f}x "
                 f"{r['ort_decode_x_realtime']:7.1f} {r['decode_ratio_ort']:5.2f}x "
-                f"{r['ort_peak_mem_gib']:7.2f} "
-                f"{'identical' if r['codes_identical'] else 'DIFFER'}"
+                f"{r['ort_peak_mem_gib']:7.2f}"
                 if "ort_encode_x_realtime" in r
                 else ""
             ),
