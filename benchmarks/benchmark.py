@@ -3,18 +3,20 @@
     python benchmarks/benchmark.py [--models 24khz 32khz 48khz] [--batch 8] [--seconds 10]
         [--repeats 5]
 
-For each published architecture (random weights: speed does not depend on their values) it
-times encode (SEANet encoder + quantizer, at the largest bandwidth) and decode, each implementation
-in its own block of repeats after a warm-up call, and prints medians as x realtime (seconds of
-audio per second), the ratio to transformers, and, when `onnxruntime` imports (`pip install
+For each published architecture (random weights, and codebooks filled from the model's own
+residuals so that codes vary; speed does not depend on the values) it times encode (SEANet
+encoder + quantizer, at the largest bandwidth) and decode, each implementation in its own block
+of repeats after a warm-up call, and prints medians as x realtime (seconds of audio per second),
+the ratio to transformers, and, when `onnxruntime` imports (`pip install
 encodec-jax[benchmarks]`), to ONNX Runtime fp32 running transformers' model exported with
 `torch.onnx.export` (encode and decode as two graphs, opset 17, all graph optimisations, 2
-intra-op threads like torch's), checking that all three give the same codes; encodec-jax's
-first-call (compile) time, the peak resident memory of each implementation (measured in a fresh
-child process each), and the share of this
-machine's measured float32 matmul rate that the compiled encoder reaches (its FLOPs from XLA's
-cost analysis over its time). Timings on shared machines are noisy: compare ratios measured in
-the same run, never absolute numbers across runs.
+intra-op threads like torch's), checking that all of them give the same codes; encodec-jax's
+first-call (compile) time, the peak memory of each implementation (resident memory on the CPU,
+device memory on a GPU, measured in a fresh child process each), and the share of this machine's
+measured float32 matmul rate that the compiled encoder reaches (its FLOPs from XLA's cost
+analysis over its time). When JAX runs on a GPU, transformers runs on the same GPU and ONNX
+Runtime (a CPU build) is left out. Timings on shared machines are noisy: compare ratios measured
+in the same run, never absolute numbers across runs.
 """
 
 from __future__ import annotations
@@ -36,21 +38,22 @@ _REUSE_FREED_MEMORY = False  # --reuse-freed-memory took effect
 # Where transformers runs: "cuda" when JAX runs on a GPU (a GPU against a CPU measures nothing).
 _TORCH_DEVICE = "cpu"
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.reference
+
 PRESET_NAMES = {"24khz": "ENCODEC_24KHZ", "32khz": "ENCODEC_32KHZ", "48khz": "ENCODEC_48KHZ"}
 
 
 def build_pair(name: str, directory: Path):
-    """A random transformers model and the same weights loaded in encodec-jax."""
-    import torch
-    import transformers
-
+    """transformers' model with random weights, saved, and the same weights loaded in
+    encodec-jax. Its codebooks are filled from its own residuals (the parity tests' reference
+    model): fresh ones are all zeros, every code would be 0, and the codes check would say
+    nothing."""
     import encodec_jax
     from encodec_jax import EncodecModel
+    from tests.reference import make_hf_model
 
     config = getattr(encodec_jax, PRESET_NAMES[name])
-    torch.manual_seed(0)
-    reference = transformers.EncodecModel(transformers.EncodecConfig(**config.to_hf_config()))
-    reference.eval()
+    reference = make_hf_model(config, seed=0)
     reference.save_pretrained(directory)
     return config, reference, EncodecModel.from_pretrained(directory)
 
@@ -490,7 +493,7 @@ def main() -> None:
             f"{r['transformers_encode_x_realtime']:7.1f} "
             f"{r['transformers_decode_x_realtime']:7.1f} {r['first_call_s']:9.1f} "
             f"{r['peak_mem_gib']:7.2f} {r['transformers_peak_mem_gib']:6.2f} "
-            f"{100 * r['encoder_matmul_share']:7.0f}% "
+            f"{100 * r['encoder_matmul_share']:7.1f}% "
             f"{'identical' if r['codes_identical'] else 'DIFFER':9}"
             + (
                 f" {r['ort_encode_x_realtime']:7.1f} {r['encode_ratio_ort']:5.2f}x "
