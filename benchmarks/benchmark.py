@@ -10,7 +10,7 @@ of repeats after a warm-up call, and prints medians as x realtime (seconds of au
 the ratio to transformers, and, when `onnxruntime` imports (`pip install
 encodec-jax[benchmarks]`), to ONNX Runtime fp32 running transformers' model exported with
 `torch.onnx.export` (encode and decode as two graphs, opset 17, all graph optimisations, 2
-intra-op threads like torch's), checking that all of them give the same codes; encodec-jax's
+intra-op threads like torch's), how many codes differ between them; encodec-jax's
 first-call (compile) time, the peak memory of each implementation (resident memory on the CPU,
 device memory on a GPU, measured in a fresh child process each), and the share of this machine's
 measured float32 matmul rate that the compiled encoder reaches (its FLOPs from XLA's cost
@@ -315,7 +315,7 @@ def bench(
         # ONNX Runtime's CPU build only: against encodec-jax on a GPU it would measure nothing.
         if _TORCH_DEVICE == "cpu" and export_onnx(reference, x, bandwidth, Path(tmp)):
             ort_codec = OrtCodec(Path(tmp))
-        codes_identical = _same_codes(model, reference, ort_codec, x, bandwidth)
+        codes_differing = _codes_differing(model, reference, ort_codec, x, bandwidth)
         # Each implementation timed in its own block after a warm-up call, not interleaved
         # repeat by repeat: the first encodec-jax call after an ONNX Runtime run measured 1.7-2x
         # slower than the next one (32 kHz, 4 x 10 s: 3.3-3.9 s, then 1.7-2.2 s), ONNX Runtime's
@@ -366,7 +366,7 @@ def bench(
         "peak_mem_gib": memory["jax"],
         "transformers_peak_mem_gib": memory["torch"],
         "encoder_matmul_share": flops / med(embed_times) / rate,
-        "codes_identical": codes_identical,
+        "codes_differing_hf_ort": codes_differing,
     }
     if ort_codec:
         ort_enc, ort_dec = (med(t) for t in times["ort"])
@@ -380,8 +380,10 @@ def bench(
     return result
 
 
-def _same_codes(model, reference, ort_codec, x: np.ndarray, bandwidth: float) -> bool:
-    """Whether encodec-jax, transformers and ONNX Runtime (where it runs) give the same codes."""
+def _codes_differing(model, reference, ort_codec, x: np.ndarray, bandwidth: float) -> str:
+    """How many of encodec-jax's codes differ from transformers' and, where it runs, ONNX
+    Runtime's: "jax/ORT of total" (0/0: all three identical). Random audio at the largest
+    bandwidth meets near-ties (`benchmarks/precision.py` checks that flips are ties)."""
     import torch
 
     jax_codes = np.asarray(model.encode(x, bandwidth=bandwidth).audio_codes)
@@ -389,7 +391,10 @@ def _same_codes(model, reference, ort_codec, x: np.ndarray, bandwidth: float) ->
         xt = torch.from_numpy(x).to(_TORCH_DEVICE)
         torch_codes = reference.encode(xt, bandwidth=bandwidth)[0].cpu().numpy()
     others = [torch_codes] + ([ort_codec.encode(x)[0]] if ort_codec else [])
-    return all(c.shape == jax_codes.shape and (c == jax_codes).all() for c in others)
+    counts = [
+        str(int((c != jax_codes).sum())) if c.shape == jax_codes.shape else "shape" for c in others
+    ]
+    return f"{'/'.join(counts)} of {jax_codes.size}"
 
 
 def main() -> None:
@@ -477,8 +482,8 @@ def main() -> None:
     header = (
         f"{'model':7} {'batch':10} {'enc xRT':>8} {'vs HF':>6} {'dec xRT':>8} {'vs HF':>6} "
         f"{'HF enc':>7} {'HF dec':>7} {'compile s':>9} {'mem GiB':>7} {'HF GiB':>6} "
-        f"{'matmul %':>8} {'codes':9} {'ORT enc':>7} {'vs ORT':>6} {'ORT dec':>7} {'vs ORT':>6} "
-        f"{'ORT GiB':>7}"
+        f"{'matmul %':>8} {'codes differ HF/ORT':>19} {'ORT enc':>7} {'vs ORT':>6} "
+        f"{'ORT dec':>7} {'vs ORT':>6} {'ORT GiB':>7}"
     )
     print(header)
     results = []
@@ -494,7 +499,7 @@ def main() -> None:
             f"{r['transformers_decode_x_realtime']:7.1f} {r['first_call_s']:9.1f} "
             f"{r['peak_mem_gib']:7.2f} {r['transformers_peak_mem_gib']:6.2f} "
             f"{100 * r['encoder_matmul_share']:7.1f}% "
-            f"{'identical' if r['codes_identical'] else 'DIFFER':9}"
+            f"{r['codes_differing_hf_ort']:>19}"
             + (
                 f" {r['ort_encode_x_realtime']:7.1f} {r['encode_ratio_ort']:5.2f}x "
                 f"{r['ort_decode_x_realtime']:7.1f} {r['decode_ratio_ort']:5.2f}x "

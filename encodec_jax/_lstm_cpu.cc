@@ -9,10 +9,11 @@
 // batch 8, against the tiles' 80-90 %. The bias is added in the step, to the projection, as XLA
 // added it before. XLA's dot packs the [H, 4H] recurrent weight on every step (it cannot know
 // the weight is the same each step), so a step moves the weight about three times; here both
-// weights are packed once by the caller (units of up to three blocks of L units, L the width of
-// one vector register, gate-major, then contraction-major: see `Unit`) and every step reads
-// w_hh once per tile of rows, whole cache lines at a time, applying the cell as soon as a unit's
-// gates are summed.
+// weights are packed once per call by the layer itself (`lstm_layer_packing`), or once for many
+// calls by the caller (`lstm_pack`, for streaming): units of up to three blocks of L units, L the
+// width of one vector register, gate-major, then contraction-major (see `Unit`). Every step
+// reads w_hh once per tile of rows, whole cache lines at a time, applying the cell as soon as a
+// unit's gates are summed.
 // The units of a step (or of a chunk's projection) are shared between the calling thread and
 // one task on XLA's intra-op pool, half each, and either takes what the other has not claimed,
 // so a step never waits on a thread that has not started: the caller alone can finish every
@@ -436,18 +437,17 @@ void helper(const std::shared_ptr<Shared>& shared, std::thread::id caller) {
 // at 1024 units, batch 1-4; 256 rows stayed within 7 % there and gained 4-17 % at batch 16.
 constexpr int64_t kChunkRows = 256;
 
-// One LSTM layer. Inputs x [B, T, C], w_ih and w_hh packed, bias [4, H], h0 and c0 [B, H].
-// Outputs hs [B, T, H]; with `training`, every step's cell state [B, T, H] and summed
-// pre-activations [B, T, 4, H] (the backward pass needs both); without, the last cell state
-// only, [B, 1, H], and no gates. The steps run in chunks: the input projection of a chunk's
-// steps, then its steps one by one, so the projection is read back from the cache rather than
-// from a [B, T, 4H] array in memory.
+// The layer's sizes: x [B, T, C] and h0 [B, H] (C and H already padded to multiples of the
+// lanes), checked against every operand and result but the weights.
+struct Sizes {
+  int64_t B, T, C, H;
+};
+
 template <typename Kernel>
-ffi::Error lstm_layer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_ih,
-                      ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> bias,
-                      ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
-                      ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> cs,
-                      ffi::ResultBuffer<ffi::F32> gates, bool training) {
+ffi::Error layer_sizes(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& bias,
+                       const ffi::Buffer<ffi::F32>& h0, const ffi::Buffer<ffi::F32>& c0,
+                       ffi::ResultBuffer<ffi::F32>& hs, ffi::ResultBuffer<ffi::F32>& cs,
+                       ffi::ResultBuffer<ffi::F32>& gates, bool training, Sizes& sizes) {
   const auto dims = x.dimensions();  // [B, T, C]
   const auto state_dims = h0.dimensions();  // [B, H]
   if (dims.size() != 3 || state_dims.size() != 2 || dims[0] != state_dims[0] ||
@@ -456,15 +456,28 @@ ffi::Error lstm_layer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         "lstm_layer: x must be [B, T, C] and h0 [B, H], C and H multiples of the lanes");
   const int64_t B = dims[0], T = dims[1], C = dims[2], H = state_dims[1];
   const int64_t cs_steps = training ? T : 1;
-  if (w_ih.element_count() != static_cast<size_t>(kGates * H * C) ||
-      w_hh.element_count() != static_cast<size_t>(kGates * H * H) ||
-      bias.element_count() != static_cast<size_t>(kGates * H) ||
+  if (bias.element_count() != static_cast<size_t>(kGates * H) ||
       c0.element_count() != static_cast<size_t>(B * H) ||
       hs->element_count() != static_cast<size_t>(B * T * H) ||
       cs->element_count() != static_cast<size_t>(B * cs_steps * H) ||
       gates->element_count() != static_cast<size_t>(training ? B * T * kGates * H : 0))
     return ffi::Error::InvalidArgument("lstm_layer: an operand or result of the wrong size");
-  if (T == 0 || B == 0) return ffi::Error::Success();
+  sizes = {B, T, C, H};
+  return ffi::Error::Success();
+}
+
+// One LSTM layer. Inputs x [B, T, C], w_ih and w_hh packed, bias [4, H], h0 and c0 [B, H].
+// Outputs hs [B, T, H]; with `training`, every step's cell state [B, T, H] and summed
+// pre-activations [B, T, 4, H] (the backward pass needs both); without, the last cell state
+// only, [B, 1, H], and no gates. The steps run in chunks: the input projection of a chunk's
+// steps, then its steps one by one, so the projection is read back from the cache rather than
+// from a [B, T, 4H] array in memory.
+template <typename Kernel>
+void run_layer(ffi::ThreadPool& pool, const Sizes& sizes, const float* x, const float* w_ih,
+               const float* w_hh, const float* bias, const float* h0, const float* c0,
+               float* hs, float* cs, float* gates, bool training) {
+  const int64_t B = sizes.B, T = sizes.T, C = sizes.C, H = sizes.H;
+  if (T == 0 || B == 0) return;
 
   const int64_t chunk = std::min(T, (kChunkRows + B - 1) / B);
   const int64_t chunks = (T + chunk - 1) / chunk;
@@ -483,8 +496,8 @@ ffi::Error lstm_layer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       p.steps = std::min(chunk, T - t);
       p.hidden = H;
       p.inputs = C;
-      p.w = w_ih.typed_data();
-      p.x = x.typed_data() + t * C;
+      p.w = w_ih;
+      p.x = x + t * C;
       p.x_stride = T * C;
       p.gx_rows = chunk;
       p.gx = shared->gx.data();
@@ -494,24 +507,24 @@ ffi::Error lstm_layer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     Step& s = job.step;
     s.batch = B;
     s.hidden = H;
-    s.w = w_hh.typed_data();
-    s.bias = bias.typed_data();
+    s.w = w_hh;
+    s.bias = bias;
     s.gx = shared->gx.data() + (t % chunk) * kGates * H;
     s.gx_stride = chunk * kGates * H;
-    s.gates = training ? gates->typed_data() + t * kGates * H : nullptr;
+    s.gates = training ? gates + t * kGates * H : nullptr;
     s.gates_stride = T * kGates * H;
-    s.h = hs->typed_data() + t * H;
+    s.h = hs + t * H;
     s.h_stride = T * H;
-    s.h_prev = t == 0 ? h0.typed_data() : s.h - H;
+    s.h_prev = t == 0 ? h0 : s.h - H;
     s.h_prev_stride = t == 0 ? H : T * H;
     if (training) {
-      s.c = cs->typed_data() + t * H;
+      s.c = cs + t * H;
       s.c_stride = T * H;
     } else {  // steps alternate between two buffers; the last writes the result
-      s.c = t == T - 1 ? cs->typed_data() : shared->cells.data() + (t % 2) * B * H;
+      s.c = t == T - 1 ? cs : shared->cells.data() + (t % 2) * B * H;
       s.c_stride = H;
     }
-    s.c_prev = t == 0 ? c0.typed_data() : previous->c;
+    s.c_prev = t == 0 ? c0 : previous->c;
     s.c_prev_stride = t == 0 ? H : previous->c_stride;
     previous = &s;
   }
@@ -527,57 +540,137 @@ ffi::Error lstm_layer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     });
   }
   shared->finished.store(true, std::memory_order_release);
-  return ffi::Error::Success();
 }
 
-// A weight in PyTorch's layout, w [4H, C] (gate-major rows i, f, g, o; inputs contiguous), laid
-// out as the kernel with blocks of L units reads it (see `Unit`), zero-padded to `hidden` units
-// and `inputs` inputs per gate. XLA ran this permutation as one loop over the output at a
-// fraction of its copy rate (benchmarks/RESULTS.md). Here it goes through a tile of 16 inputs of
-// a unit's rows: each row's cache line is read whole into it, and the output is written in
-// order. (Reading the rows straight into the output, an input at a time, relied on a unit's
-// rows staying in the L1 cache, and at 1024 inputs they are 4 KB apart, all in one cache set.)
+// Columns k..k+3 of 4 rows (4 inputs of 4 units) as 4 rows of 4 units, one per input.
+INLINE void transpose4(const float* rows, int64_t row_stride, float* out, int64_t out_stride) {
+  typedef Lanes<4>::Vec V;
+  typedef Lanes<4>::IVec I;
+  const V r0 = load<V>(rows), r1 = load<V>(rows + row_stride);
+  const V r2 = load<V>(rows + 2 * row_stride), r3 = load<V>(rows + 3 * row_stride);
+  const V t0 = __builtin_shuffle(r0, r1, I{0, 4, 1, 5});  // r0[0] r1[0] r0[1] r1[1]
+  const V t1 = __builtin_shuffle(r0, r1, I{2, 6, 3, 7});  // r0[2] r1[2] r0[3] r1[3]
+  const V t2 = __builtin_shuffle(r2, r3, I{0, 4, 1, 5});
+  const V t3 = __builtin_shuffle(r2, r3, I{2, 6, 3, 7});
+  store(out, __builtin_shuffle(t0, t2, I{0, 1, 4, 5}));
+  store(out + out_stride, __builtin_shuffle(t0, t2, I{2, 3, 6, 7}));
+  store(out + 2 * out_stride, __builtin_shuffle(t1, t3, I{0, 1, 4, 5}));
+  store(out + 3 * out_stride, __builtin_shuffle(t1, t3, I{2, 3, 6, 7}));
+}
+
+// w [4H, C] (PyTorch's layout: gate-major rows i, f, g, o; inputs contiguous; H <= hidden,
+// C <= inputs) laid out as the kernel with blocks of L units reads it (see `Unit`), zero-padded
+// to `hidden` units and `inputs` inputs per gate: 4 * hidden * inputs floats at `dst`. A block
+// is a transpose of its L rows, done in 4 x 4 tiles (a 16-byte read from each of 4 rows, four
+// 16-byte writes), so only 4 rows are read at a time: a tile of a unit's 24 rows of 1024 inputs,
+// 4 KB apart, ran at 1 GB/s, 2.8x slower at 1024 units (benchmarks/RESULTS.md); XLA's fused
+// permutation was slower still. Padding and a last, partial block go one value at a time.
 template <int L>
-ffi::Error lstm_pack(ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> packed, int64_t hidden,
-                     int64_t inputs) {
-  const auto dims = w.dimensions();
-  if (dims.size() != 2 || dims[0] % kGates != 0)
-    return ffi::Error::InvalidArgument("lstm_pack: w must be [4H, C]");
-  const int64_t H = dims[0] / kGates, C = dims[1];
-  if (hidden < H || inputs < C || hidden % L != 0 ||
-      packed->element_count() != static_cast<size_t>(kGates * hidden * inputs))
-    return ffi::Error::InvalidArgument("lstm_pack: a padded size or the result of the wrong size");
-  constexpr int64_t kTile = 16;
-  const float* src = w.typed_data();
-  float* dst = packed->typed_data();
+void pack_weight(const float* src, int64_t H, int64_t C, int64_t hidden, int64_t inputs,
+                 float* dst) {
   const int64_t units = units_of<L>(hidden);
   for (int64_t n = 0; n < units; ++n) {
     const Unit unit = Unit::of(n, hidden / L);
     float* out = dst + n * kBlocksPerUnit * kGates * inputs * L;  // [gate, k, block in unit, L]
     const int64_t width = unit.blocks * L;                        // the unit's hidden units
     for (int64_t g = 0; g < kGates; ++g)
-      for (int64_t k0 = 0; k0 < inputs; k0 += kTile) {
-        float tile[kBlocksPerUnit * L][kTile];
-        for (int64_t i = 0; i < width; ++i) {
-          const int64_t u = n * kBlocksPerUnit * L + i;
-          const float* from = src + (g * H + u) * C;
-          for (int64_t kk = 0; kk < kTile; ++kk)
-            tile[i][kk] = u < H && k0 + kk < C ? from[k0 + kk] : 0.0f;
-        }
-        for (int64_t kk = 0; kk < kTile && k0 + kk < inputs; ++kk) {
-          float* row = out + (g * inputs + k0 + kk) * width;
-          for (int64_t i = 0; i < width; ++i) row[i] = tile[i][kk];
-        }
+      for (int64_t b = 0; b < unit.blocks; ++b) {
+        const int64_t first = (n * kBlocksPerUnit + b) * L;  // the block's first unit
+        float* to = out + g * inputs * width + b * L;
+        int64_t k = 0;
+        if (first + L <= H)
+          for (; k + 4 <= C; k += 4)
+            for (int64_t i = 0; i < L; i += 4)
+              transpose4(src + (g * H + first + i) * C + k, C, to + k * width + i, width);
+        for (; k < inputs; ++k)
+          for (int64_t i = 0; i < L; ++i) {
+            const int64_t u = first + i;
+            to[k * width + i] = u < H && k < C ? src[(g * H + u) * C + k] : 0.0f;
+          }
       }
   }
+}
+
+// The unpadded sizes (H, C) of a weight in PyTorch's layout, [4H, C], that pads to `hidden`
+// units and `inputs` inputs; false if it cannot.
+INLINE bool weight_sizes(const ffi::Buffer<ffi::F32>& w, int64_t hidden, int64_t inputs,
+                         int64_t& H, int64_t& C) {
+  const auto dims = w.dimensions();
+  if (dims.size() != 2 || dims[0] % kGates != 0) return false;
+  H = dims[0] / kGates;
+  C = dims[1];
+  return H <= hidden && C <= inputs;
+}
+
+// `run_layer` on weights `lstm_pack` laid out beforehand (streaming: once for many calls).
+template <typename Kernel>
+ffi::Error lstm_layer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_ih,
+                      ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> bias,
+                      ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                      ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> cs,
+                      ffi::ResultBuffer<ffi::F32> gates, bool training) {
+  Sizes n;
+  ffi::Error error = layer_sizes<Kernel>(x, bias, h0, c0, hs, cs, gates, training, n);
+  if (error.failure()) return error;
+  if (w_ih.element_count() != static_cast<size_t>(kGates * n.H * n.C) ||
+      w_hh.element_count() != static_cast<size_t>(kGates * n.H * n.H))
+    return ffi::Error::InvalidArgument("lstm_layer: a packed weight of the wrong size");
+  run_layer<Kernel>(pool, n, x.typed_data(), w_ih.typed_data(), w_hh.typed_data(),
+                    bias.typed_data(), h0.typed_data(), c0.typed_data(), hs->typed_data(),
+                    cs->typed_data(), gates->typed_data(), training);
+  return ffi::Error::Success();
+}
+
+// `lstm_layer` from the weights in PyTorch's layout, w_ih [4H, C] and w_hh [4H, H] (unpadded),
+// packed first into buffers this thread keeps for its next call. Packed by `lstm_pack` in the
+// same program, they were fresh XLA results, whose pages faulted in on every call: the pack
+// took 2x longer there than here (benchmarks/RESULTS.md). Each thread has its own buffers, so
+// concurrent calls on XLA's threads never share one; the helper that reads them works only
+// while this call waits for it.
+template <typename Kernel>
+ffi::Error lstm_layer_packing(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> w_hh,
+                              ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> h0,
+                              ffi::Buffer<ffi::F32> c0, ffi::ResultBuffer<ffi::F32> hs,
+                              ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> gates,
+                              bool training) {
+  Sizes n;
+  ffi::Error error = layer_sizes<Kernel>(x, bias, h0, c0, hs, cs, gates, training, n);
+  if (error.failure()) return error;
+  int64_t H, C, H_hh, C_hh;
+  if (!weight_sizes(w_ih, n.H, n.C, H, C) || !weight_sizes(w_hh, n.H, n.H, H_hh, C_hh) ||
+      H_hh != H || C_hh != H)
+    return ffi::Error::InvalidArgument(
+        "lstm_layer: the weights must be [4H, C] and [4H, H], padding to the state and input");
+  thread_local std::vector<float> packed_ih, packed_hh;
+  packed_ih.resize(kGates * n.H * n.C);
+  packed_hh.resize(kGates * n.H * n.H);
+  pack_weight<Kernel::lanes>(w_ih.typed_data(), H, C, n.H, n.C, packed_ih.data());
+  pack_weight<Kernel::lanes>(w_hh.typed_data(), H, H, n.H, n.H, packed_hh.data());
+  run_layer<Kernel>(pool, n, x.typed_data(), packed_ih.data(), packed_hh.data(),
+                    bias.typed_data(), h0.typed_data(), c0.typed_data(), hs->typed_data(),
+                    cs->typed_data(), gates->typed_data(), training);
+  return ffi::Error::Success();
+}
+
+// `pack_weight` as an XLA custom call, into its result.
+template <int L>
+ffi::Error lstm_pack(ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> packed, int64_t hidden,
+                     int64_t inputs) {
+  int64_t H, C;
+  if (!weight_sizes(w, hidden, inputs, H, C) || hidden % L != 0 ||
+      packed->element_count() != static_cast<size_t>(kGates * hidden * inputs))
+    return ffi::Error::InvalidArgument(
+        "lstm_pack: w must be [4H, C], and the padded sizes and the result must hold it");
+  pack_weight<L>(w.typed_data(), H, C, hidden, inputs, packed->typed_data());
   return ffi::Error::Success();
 }
 
 }  // namespace
 
 // One handler per entry point; Python registers those the running CPU supports.
-#define LSTM_HANDLER(name, Kernel)                                         \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, lstm_layer<Kernel>,                    \
+#define LSTM_HANDLER(name, function)                                       \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, function,                              \
                                 ffi::Ffi::Bind()                             \
                                     .Ctx<ffi::ThreadPool>()                  \
                                     .Arg<ffi::Buffer<ffi::F32>>()            \
@@ -604,22 +697,26 @@ PACK_HANDLER(LstmPack8, 8)
 PACK_HANDLER(LstmPack4, 4)
 
 #if defined(__x86_64__)
-LSTM_HANDLER(LstmLayerAvx512, Avx512)
-LSTM_HANDLER(LstmLayerAvx2, Avx2)
+LSTM_HANDLER(LstmLayerAvx512, lstm_layer<Avx512>)
+LSTM_HANDLER(LstmLayerAvx2, lstm_layer<Avx2>)
+LSTM_HANDLER(LstmLayerPackingAvx512, lstm_layer_packing<Avx512>)
+LSTM_HANDLER(LstmLayerPackingAvx2, lstm_layer_packing<Avx2>)
 #endif
-LSTM_HANDLER(LstmLayerGeneric, Generic)
+LSTM_HANDLER(LstmLayerGeneric, lstm_layer<Generic>)
+LSTM_HANDLER(LstmLayerPackingGeneric, lstm_layer_packing<Generic>)
 
 static PyMethodDef no_methods[] = {{nullptr, nullptr, 0, nullptr}};
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_lstm_cpu",
                                  "An LSTM layer as an XLA:CPU custom call.", -1, no_methods};
 
-// `kernels`: {name: (layer handler, pack handler, lanes)}, the handlers as FFI capsules, for the
-// entry points this CPU can run, fastest first; `lanes` is the width of the blocks its packed
-// weights come in.
+// `kernels`: {name: (layer handler, packing layer handler, pack handler, lanes)}, the handlers as
+// FFI capsules, for the entry points this CPU can run, fastest first; `lanes` is the width of
+// the blocks its packed weights come in.
 PyMODINIT_FUNC PyInit__lstm_cpu(void) {
   struct Kernel {
     const char* name;
     XLA_FFI_Handler* handler;
+    XLA_FFI_Handler* packing;
     XLA_FFI_Handler* pack;
     long lanes;
     bool supported;
@@ -628,13 +725,15 @@ PyMODINIT_FUNC PyInit__lstm_cpu(void) {
   __builtin_cpu_init();
   const bool fma = __builtin_cpu_supports("fma");
   const Kernel all[] = {
-      {"avx512", LstmLayerAvx512, LstmPack16, Avx512::lanes,
+      {"avx512", LstmLayerAvx512, LstmLayerPackingAvx512, LstmPack16, Avx512::lanes,
        __builtin_cpu_supports("avx512f") && fma},
-      {"avx2", LstmLayerAvx2, LstmPack8, Avx2::lanes, __builtin_cpu_supports("avx2") && fma},
-      {"generic", LstmLayerGeneric, LstmPack4, Generic::lanes, true},
+      {"avx2", LstmLayerAvx2, LstmLayerPackingAvx2, LstmPack8, Avx2::lanes,
+       __builtin_cpu_supports("avx2") && fma},
+      {"generic", LstmLayerGeneric, LstmLayerPackingGeneric, LstmPack4, Generic::lanes, true},
   };
 #else
-  const Kernel all[] = {{"generic", LstmLayerGeneric, LstmPack4, Generic::lanes, true}};
+  const Kernel all[] = {
+      {"generic", LstmLayerGeneric, LstmLayerPackingGeneric, LstmPack4, Generic::lanes, true}};
 #endif
   PyObject* module = PyModule_Create(&module_def);
   PyObject* kernels = PyDict_New();
@@ -646,11 +745,15 @@ PyMODINIT_FUNC PyInit__lstm_cpu(void) {
   for (const Kernel& kernel : all) {
     if (!kernel.supported) continue;
     PyObject* layer = PyCapsule_New(reinterpret_cast<void*>(kernel.handler), nullptr, nullptr);
+    PyObject* packing = PyCapsule_New(reinterpret_cast<void*>(kernel.packing), nullptr, nullptr);
     PyObject* pack = PyCapsule_New(reinterpret_cast<void*>(kernel.pack), nullptr, nullptr);
-    PyObject* entry = layer && pack ? Py_BuildValue("(OOl)", layer, pack, kernel.lanes) : nullptr;
+    PyObject* entry = layer && packing && pack
+                          ? Py_BuildValue("(OOOl)", layer, packing, pack, kernel.lanes)
+                          : nullptr;
     const bool added = entry != nullptr && PyDict_SetItemString(kernels, kernel.name, entry) == 0;
     Py_XDECREF(entry);
     Py_XDECREF(pack);
+    Py_XDECREF(packing);
     Py_XDECREF(layer);
     if (!added) {
       Py_DECREF(module);

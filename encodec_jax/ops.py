@@ -285,8 +285,11 @@ def _lstm_forward(x, w_ih_t, w_hh_t, bias, state=None, packed=None, training=Tru
         return scan()
 
     def kernel():
-        weights = (cpu_lstm.pack(w_ih_t), cpu_lstm.pack(w_hh_t)) if packed is None else packed
-        hs, c_last, cs, gates = cpu_lstm.layer(x, weights, bias, state, training)
+        # Without weights packed beforehand, the call packs them itself (cpu_lstm.layer).
+        weights = (w_ih_t, w_hh_t) if packed is None else packed
+        hs, c_last, cs, gates = cpu_lstm.layer(
+            x, weights, bias, state, training, packed=packed is not None
+        )
         final = (hs[:, -1], c_last) if x.shape[1] else state
         return final, hs, cs, gates
 

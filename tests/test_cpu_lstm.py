@@ -72,6 +72,43 @@ def _inference_kernel(x, w_ih_t, w_hh_t, bias, state, kernel=None):
     return hs, c_last
 
 
+@pytest.mark.parametrize("kernel", cpu_lstm.KERNELS)
+def test_packing_in_the_call_equals_packed_weights(kernel):
+    """The layer that packs the weights itself, into buffers its thread keeps between calls,
+    gives the bits of the layer fed weights packed beforehand: in training and inference, with
+    padded inputs and units, and when one thread's buffers are reused by layers of other sizes
+    (larger, smaller, then the first size with other weights)."""
+
+    @functools.partial(jax.jit, static_argnames=("training", "packed"))
+    def run(x, w_ih_t, w_hh_t, bias, state, training, packed):
+        weights = (
+            (cpu_lstm.pack(w_ih_t, kernel), cpu_lstm.pack(w_hh_t, kernel))
+            if packed
+            else (w_ih_t, w_hh_t)
+        )
+        hs, c_last, cs, gates = cpu_lstm.layer(
+            x, weights, bias, state, training, kernel, packed=packed
+        )
+        return hs, c_last, cs, gates
+
+    rng = np.random.default_rng(11)
+    for steps, batch, hidden, inputs in [
+        (5, 3, 40, 24),
+        (3, 2, 72, 80),
+        (4, 1, 8, 5),
+        (5, 3, 40, 24),
+    ]:
+        problem = _problem(rng, steps, batch, hidden, inputs=inputs)
+        for training in (True, False):
+            once = run(*problem, training=training, packed=True)
+            in_call = run(*problem, training=training, packed=False)
+            for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(in_call), strict=True):
+                np.testing.assert_array_equal(a, b)
+    x, w_ih_t, w_hh_t, bias, state = _problem(rng, 2, 1, 32)
+    with pytest.raises(ValueError, match=r"w_hh of shape \(16, 128\): .* takes \(32, 128\)"):
+        cpu_lstm.layer(x, (w_ih_t, w_hh_t[:16]), bias, state, False, kernel, packed=False)
+
+
 def test_the_cpu_picks_its_kernels():
     """The extension offers the entry points this CPU runs, fastest first, the generic one always;
     asking for one it cannot run is an error that names those it can."""
