@@ -38,30 +38,19 @@ TIE_GAP = 1e-5  # relative float64 distance gap under which a flipped code is a 
 
 
 def first_level_gaps(model, x: np.ndarray, codes: np.ndarray, expected: np.ndarray) -> list:
-    """For each frame where codes `[chunks, B, n_q, T]` differ from `expected`, the relative gap
-    between the float64 distances of the two chosen entries to the residual at the first level
-    that differs (small: a near-tie)."""
-    import jax
-    import jax.numpy as jnp
-
-    from encodec_jax import functional, ops
+    """`testing.near_tie_gaps` (the gap at each differing frame) over every chunk of codes
+    `[chunks, B, n_q, T]`."""
+    from encodec_jax import ops
+    from encodec_jax.testing import near_tie_gaps
 
     config = model.config
-    codebooks = np.asarray(model.quantizer.embeds(expected.shape[2]), np.float64)
     bounds = ops.chunk_bounds(x.shape[-1], config.chunk_length, config.chunk_stride)
     gaps = []
     for chunk, (start, length) in enumerate(bounds):
         frames = ops.num_frames(length, config.hop_length)
-        ours, theirs = codes[chunk, ..., :frames], expected[chunk, ..., :frames]  # [B, n_q, T]
-        if (ours == theirs).all():
-            continue
-        audio = jnp.asarray(x[..., start : start + length])
-        embeddings = np.asarray(jax.jit(functional.embed)(model, audio)[0], np.float64)
-        for b, t in zip(*np.nonzero((ours != theirs).any(axis=1)), strict=True):
-            level = int(np.argmax(ours[b, :, t] != theirs[b, :, t]))
-            residual = embeddings[b, t] - sum(codebooks[q, theirs[b, q, t]] for q in range(level))
-            d = [((residual - codebooks[level, c[b, level, t]]) ** 2).sum() for c in (ours, theirs)]
-            gaps.append(abs(d[0] - d[1]) / d[1])
+        ours, theirs = codes[chunk, ..., :frames], expected[chunk, ..., :frames]
+        audio = x[..., start : start + length]
+        gaps += [gap for *_, gap in near_tie_gaps(model, audio, ours, theirs)]
     return gaps
 
 

@@ -53,6 +53,31 @@ def random_audio(batch: int, channels: int, length: int, seed: int) -> np.ndarra
     return (sines + noise).astype(np.float32)
 
 
+def near_tie_gaps(
+    model: EncodecModel, audio: np.ndarray, codes: np.ndarray, expected: np.ndarray
+) -> list[tuple[int, int, int, float]]:
+    """Where codes `[B, n_q, T]` of `audio` `[B, C, L]` (one chunk) differ from `expected`:
+    (item, frame, level, gap) for each differing frame, at its first differing level. `gap` is
+    the relative difference of the two chosen entries' float64 squared distances to the residual
+    that `expected`'s earlier levels leave: float32 rounding flips codes only where it is around
+    1e-6 or less, so a larger gap is a real disagreement."""
+    differ = codes != expected
+    if not differ.any():
+        return []
+    embeddings, _ = jax.jit(functional.embed)(model, jnp.asarray(audio))
+    embeddings = np.asarray(embeddings, np.float64)  # [B, T, D]
+    codebooks = np.asarray(model.quantizer.embeds(expected.shape[1]), np.float64)
+    gaps = []
+    for b, t in zip(*np.nonzero(differ.any(axis=1)), strict=True):
+        level = int(np.argmax(differ[b, :, t]))
+        residual = embeddings[b, t] - sum(codebooks[q, expected[b, q, t]] for q in range(level))
+        ours, theirs = (
+            ((residual - codebooks[level, c[b, level, t]]) ** 2).sum() for c in (codes, expected)
+        )
+        gaps.append((int(b), int(t), level, float(abs(ours - theirs) / theirs)))
+    return gaps
+
+
 def fill_codebooks(embeds: np.ndarray, residual: np.ndarray, seed: int) -> np.ndarray:
     """Codebooks `[n_q, bins, D]` drawn from residual frames `[N, D]`, level after level.
 

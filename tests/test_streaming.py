@@ -30,7 +30,7 @@ from encodec_jax import ENCODEC_24KHZ, ENCODEC_32KHZ, ENCODEC_48KHZ, functional,
 from encodec_jax.audio import AudioError, load_audio
 from encodec_jax.codes import load_codes
 from encodec_jax.streaming.pipeline import AudioSource, RawFormat
-from encodec_jax.testing import random_audio
+from encodec_jax.testing import near_tie_gaps, random_audio
 
 from .test_cli import assert_one_line_error, run_cli, tiny_checkpoint, tone
 from .test_cli import random_model as quick_random_model
@@ -91,18 +91,7 @@ def assert_codes_match(model, audio: np.ndarray, streamed: np.ndarray, expected:
     if not flipped:
         return 0
     assert flipped <= MAX_FLIPPED * expected.size, f"{flipped} of {expected.size} codes differ"
-    embeddings, _ = jax.jit(functional.embed)(model, jnp.asarray(audio))
-    embeddings = np.asarray(embeddings, np.float64)  # [B, T, D]
-    codebooks = np.asarray(model.quantizer.embeds(expected.shape[1]), np.float64)
-    for b, t in zip(*np.nonzero(differ.any(axis=1)), strict=True):
-        level = int(np.argmax(differ[b, :, t]))  # the first level that differs
-        residual = embeddings[b, t] - sum(codebooks[q, expected[b, q, t]] for q in range(level))
-        ours, theirs = (
-            codebooks[level, streamed[b, level, t]],
-            codebooks[level, expected[b, level, t]],
-        )
-        d_ours, d_theirs = ((residual - ours) ** 2).sum(), ((residual - theirs) ** 2).sum()
-        gap = abs(d_ours - d_theirs) / d_theirs
+    for _, t, level, gap in near_tie_gaps(model, audio, streamed, expected):
         assert gap < TIE_GAP, f"frame {t} level {level}: not a near-tie (relative gap {gap:.2e})"
     return flipped
 
